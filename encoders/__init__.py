@@ -1,0 +1,1 @@
+"""Image-side modules: the tiled ViT encoder and the image transform."""

@@ -1,0 +1,450 @@
+"""Configuration of Llama 3.2 Vision ("Mllama"): frozen dataclasses, presets, and readers for
+Hugging Face `config.json` (legacy `rope_theta` + `rope_scaling` and transformers 5's `rope_parameters`)
+and Meta's `params.json`.
+
+Numbers live here and nowhere else. The presets reproduce the official checkpoints exactly; the
+parameter counts in tests/test_config.py pin them (11B Instruct: 10,670,220,835).
+
+Non-obvious choices:
+- `TextConfig.cross_attention_layers` indexes the merged layer list of the Hugging Face layout
+  (11B: [3, 8, ..., 38] of 40). Meta keeps 32 self-attention layers and 8 cross-attention layers in two
+  lists; `from_meta` derives the merged indices from Meta's fusion schedule
+  (`llama_layers[::-1][::k][:n][::-1]`, k = ceil(n_layers / n_cross)): cross layer J runs just before
+  self-attention layer schedule[J], so its merged index is schedule[J] + J.
+- `supported_aspect_ratios` are (tiles high, tiles wide); aspect-ratio id = index + 1, id 0 = padding.
+- The 11B *base* model uses 448 px tiles, everything else 560 px (HF issue #33812).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+IMAGE_TOKEN_ID = 128256
+NUM_LEARNABLE_EMBEDDINGS = 8  # extra embedding rows after the text vocabulary; row 0 is <|image|>
+
+
+def supported_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
+    """All (tiles high, tiles wide) grids with at most `max_num_tiles` tiles, in the reference order."""
+    return tuple(
+        (h, w)
+        for h in range(1, max_num_tiles + 1)
+        for w in range(1, max_num_tiles + 1)
+        if h * w <= max_num_tiles
+    )
+
+
+def _fail(cls: type, message: str) -> None:
+    raise ValueError(f"{cls.__name__}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama 3 frequency scaling of RoPE (`rope_type: llama3`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            _fail(
+                type(self),
+                f"need factor > 0 and high_freq_factor > low_freq_factor > 0, got factor={self.factor}, "
+                f"low_freq_factor={self.low_freq_factor}, high_freq_factor={self.high_freq_factor}",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 32  # the local transformer
+    num_global_layers: int = 8  # the gated global transformer
+    attention_heads: int = 16
+    image_size: int = 560  # tile side in pixels
+    patch_size: int = 14
+    num_channels: int = 3
+    max_num_tiles: int = 4
+    norm_eps: float = 1e-5
+    intermediate_layers_indices: tuple[int, ...] = (3, 7, 15, 23, 30)
+    supported_aspect_ratios: tuple[tuple[int, int], ...] = field(
+        default_factory=lambda: supported_aspect_ratios(4)
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "intermediate_layers_indices", tuple(self.intermediate_layers_indices))
+        object.__setattr__(
+            self, "supported_aspect_ratios", tuple(tuple(r) for r in self.supported_aspect_ratios)
+        )
+        if self.hidden_size % self.attention_heads:
+            _fail(
+                type(self),
+                f"hidden_size={self.hidden_size} is not divisible by attention_heads={self.attention_heads}",
+            )
+        if self.image_size % self.patch_size:
+            _fail(type(self), f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        bad = [i for i in self.intermediate_layers_indices if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            _fail(
+                type(self),
+                f"intermediate_layers_indices {bad} outside 0..{self.num_hidden_layers - 1} "
+                f"(num_hidden_layers={self.num_hidden_layers})",
+            )
+        too_big = [r for r in self.supported_aspect_ratios if r[0] * r[1] > self.max_num_tiles]
+        if too_big:
+            _fail(type(self), f"supported_aspect_ratios {too_big} exceed max_num_tiles={self.max_num_tiles}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile: one per patch plus the class token (1601 at 560 px, 1025 at 448 px)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def vision_output_dim(self) -> int:
+        """Width of the projector's input: final features plus each intermediate layer, interleaved."""
+        return self.hidden_size * (1 + len(self.intermediate_layers_indices))
+
+    @property
+    def max_aspect_ratio_id(self) -> int:
+        return len(self.supported_aspect_ratios)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    vocab_size: int = 128256
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 40  # self-attention and cross-attention layers together
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 131072
+    cross_attention_layers: tuple[int, ...] = (3, 8, 13, 18, 23, 28, 33, 38)
+    bos_token_id: int = 128000
+    eos_token_id: tuple[int, ...] = (128001,)
+    pad_token_id: int = 128004
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cross_attention_layers", tuple(self.cross_attention_layers))
+        eos = self.eos_token_id
+        object.__setattr__(self, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos))
+        if self.hidden_size % self.num_attention_heads:
+            _fail(
+                type(self),
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}",
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            _fail(
+                type(self),
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}",
+            )
+        if self.head_dim % 2:
+            _fail(type(self), f"head_dim={self.head_dim} must be even for RoPE")
+        bad = [i for i in self.cross_attention_layers if not 0 <= i < self.num_hidden_layers]
+        if bad or len(set(self.cross_attention_layers)) != len(self.cross_attention_layers):
+            _fail(
+                type(self),
+                f"cross_attention_layers {list(self.cross_attention_layers)} must be distinct indices in "
+                f"0..{self.num_hidden_layers - 1}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of embed_tokens: the vocabulary plus 8 learnable rows (128,264); lm_head has 128,256."""
+        return self.vocab_size + NUM_LEARNABLE_EMBEDDINGS
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaVisionConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = IMAGE_TOKEN_ID
+
+    def __post_init__(self) -> None:
+        if not self.text.vocab_size <= self.image_token_id < self.text.num_embeddings:
+            _fail(
+                type(self),
+                f"image_token_id={self.image_token_id} must be one of the learnable rows "
+                f"{self.text.vocab_size}..{self.text.num_embeddings - 1}",
+            )
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> LlamaVisionConfig:
+        """Read a Hugging Face `config.json` dict (transformers 4.45 to 5.x)."""
+        if config.get("model_type") not in (None, "mllama"):
+            raise ValueError(f"config.json: model_type is {config.get('model_type')!r}, expected 'mllama'")
+        v = config.get("vision_config", {})
+        t = config.get("text_config", {})
+        max_tiles = v.get("max_num_tiles", 4)
+        ratios = v.get("supported_aspect_ratios") or supported_aspect_ratios(max_tiles)
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 1280),
+            intermediate_size=v.get("intermediate_size", 5120),
+            num_hidden_layers=v.get("num_hidden_layers", 32),
+            num_global_layers=v.get("num_global_layers", 8),
+            attention_heads=v.get("attention_heads", v.get("num_attention_heads", 16)),
+            image_size=v.get("image_size", 448),  # the HF class default, see REFERENCE 1.1
+            patch_size=v.get("patch_size", 14),
+            num_channels=v.get("num_channels", 3),
+            max_num_tiles=max_tiles,
+            norm_eps=v.get("norm_eps", 1e-5),
+            intermediate_layers_indices=tuple(v.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
+            supported_aspect_ratios=tuple(tuple(r) for r in ratios),
+        )
+        theta, scaling = _read_hf_rope(t)
+        eos = t.get("eos_token_id", 128001)
+        text = TextConfig(
+            vocab_size=t.get("vocab_size", 128256),
+            hidden_size=t.get("hidden_size", 4096),
+            intermediate_size=t.get("intermediate_size", 14336),
+            num_hidden_layers=t.get("num_hidden_layers", 40),
+            num_attention_heads=t.get("num_attention_heads", 32),
+            num_key_value_heads=t.get("num_key_value_heads", 8),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-5),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=t.get("max_position_embeddings", 131072),
+            cross_attention_layers=tuple(t.get("cross_attention_layers", (3, 8, 13, 18, 23, 28, 33, 38))),
+            bos_token_id=t.get("bos_token_id", 128000),
+            eos_token_id=(eos,) if isinstance(eos, int) else tuple(eos),
+            pad_token_id=t.get("pad_token_id", 128004),
+        )
+        image_token = config.get("image_token_index", config.get("image_token_id", IMAGE_TOKEN_ID))
+        return cls(vision=vision, text=text, image_token_id=image_token)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict in the layout the hub checkpoints use (loads in transformers 4.45 to 5.x)."""
+        v, t = self.vision, self.text
+        rope_scaling = None
+        if t.rope_scaling is not None:
+            rope_scaling = {"rope_type": "llama3", **asdict(t.rope_scaling)}
+        eos = t.eos_token_id[0] if len(t.eos_token_id) == 1 else list(t.eos_token_id)
+        return {
+            "architectures": ["MllamaForConditionalGeneration"],
+            "model_type": "mllama",
+            "image_token_index": self.image_token_id,
+            "torch_dtype": "bfloat16",
+            "vision_config": {
+                "model_type": "mllama_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_hidden_layers,
+                "num_global_layers": v.num_global_layers,
+                "attention_heads": v.attention_heads,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "num_channels": v.num_channels,
+                "max_num_tiles": v.max_num_tiles,
+                "norm_eps": v.norm_eps,
+                "intermediate_layers_indices": list(v.intermediate_layers_indices),
+                "supported_aspect_ratios": [list(r) for r in v.supported_aspect_ratios],
+                "vision_output_dim": v.vision_output_dim,
+                "hidden_act": "gelu",
+            },
+            "text_config": {
+                "model_type": "mllama_text_model",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads,
+                "num_key_value_heads": t.num_key_value_heads,
+                "rms_norm_eps": t.rms_norm_eps,
+                "rope_theta": t.rope_theta,
+                "rope_scaling": rope_scaling,
+                "max_position_embeddings": t.max_position_embeddings,
+                "cross_attention_layers": list(t.cross_attention_layers),
+                "bos_token_id": t.bos_token_id,
+                "eos_token_id": eos,
+                "pad_token_id": t.pad_token_id,
+                "hidden_act": "silu",
+                "tie_word_embeddings": False,
+            },
+        }
+
+    # ------------------------------------------------------------------ Meta params.json
+    @classmethod
+    def from_meta(cls, params: dict[str, Any]) -> LlamaVisionConfig:
+        """Read Meta's `params.json` (llama-models ModelArgs).
+
+        Meta hard-codes the ViT-H/14 tower (width 1280, 32 + 8 layers, 16 heads, intermediates
+        [3, 7, 15, 23, 30]); only the tile size (`vision_chunk_size`) and tile count vary. An optional
+        `"vision"` dict overrides the tower's sizes; our tests use it for small towers.
+        """
+        required = ("dim", "n_layers", "n_heads", "vocab_size", "vision_chunk_size")
+        missing = [k for k in required if k not in params]
+        if missing:
+            raise ValueError(f"params.json: missing {missing}")
+        n_cross = params.get("vision_num_cross_attention_layers")
+        if n_cross is None:
+            n_cross = params.get("vision_model", {}).get("cross_attention_adapter", {}).get("num_layers")
+        if not n_cross or n_cross <= 0:
+            raise ValueError("params.json: vision_num_cross_attention_layers is missing or not positive")
+        dim, n_layers = params["dim"], params["n_layers"]
+        schedule = meta_fusion_schedule(n_layers, n_cross)
+        hidden = _meta_ffn_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+        max_tiles = params.get("vision_max_num_chunks", 4)
+        v_over = params.get("vision", {})
+        vision = VisionConfig(
+            hidden_size=v_over.get("hidden_size", 1280),
+            intermediate_size=v_over.get("intermediate_size", 4 * v_over.get("hidden_size", 1280)),
+            num_hidden_layers=v_over.get("num_hidden_layers", 32),
+            num_global_layers=v_over.get("num_global_layers", 8),
+            attention_heads=v_over.get("attention_heads", 16),
+            image_size=params["vision_chunk_size"],
+            patch_size=14,
+            max_num_tiles=max_tiles,
+            intermediate_layers_indices=tuple(v_over.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
+            supported_aspect_ratios=supported_aspect_ratios(max_tiles),
+        )
+        text = TextConfig(
+            vocab_size=params["vocab_size"],
+            hidden_size=dim,
+            intermediate_size=hidden,
+            num_hidden_layers=n_layers + n_cross,
+            num_attention_heads=params["n_heads"],
+            num_key_value_heads=params.get("n_kv_heads") or params["n_heads"],
+            rms_norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=float(params.get("rope_theta", 500000.0)),
+            rope_scaling=RopeScaling() if params.get("use_scaled_rope", False) else None,
+            cross_attention_layers=tuple(s + j for j, s in enumerate(schedule)),
+        )
+        return cls(vision=vision, text=text)
+
+    # ------------------------------------------------------------------ helpers
+    def replace(self, **changes: Any) -> LlamaVisionConfig:
+        return replace(self, **changes)
+
+
+def meta_fusion_schedule(n_layers: int, n_cross: int) -> list[int]:
+    """Meta's self-attention layers that get a cross-attention layer run just before them."""
+    k = math.ceil(n_layers / n_cross)
+    return list(range(n_layers))[::-1][::k][:n_cross][::-1]
+
+
+def _meta_ffn_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:
+    hidden = int(2 * (4 * dim) / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _read_hf_rope(text: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and llama3 scaling from either `rope_theta` + `rope_scaling` or `rope_parameters`."""
+    params = text.get("rope_parameters")
+    if params is not None:
+        theta = params.get("rope_theta", text.get("rope_theta", 500000.0))
+        scaling = params
+    else:
+        theta = text.get("rope_theta", 500000.0)
+        scaling = text.get("rope_scaling")
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"config.json: unsupported rope_type {rope_type!r} (expected 'llama3' or 'default')")
+    return float(theta), RopeScaling(
+        factor=scaling.get("factor", 8.0),
+        low_freq_factor=scaling.get("low_freq_factor", 1.0),
+        high_freq_factor=scaling.get("high_freq_factor", 4.0),
+        original_max_position_embeddings=scaling.get("original_max_position_embeddings", 8192),
+    )
+
+
+def _text_11b(**kw: Any) -> TextConfig:
+    return TextConfig(**kw)
+
+
+_INSTRUCT_EOS = (128001, 128008, 128009)
+
+PRESETS: dict[str, LlamaVisionConfig] = {
+    "llama-3.2-11b-vision": LlamaVisionConfig(vision=VisionConfig(image_size=448), text=TextConfig()),
+    "llama-3.2-11b-vision-instruct": LlamaVisionConfig(
+        vision=VisionConfig(image_size=560), text=TextConfig(eos_token_id=_INSTRUCT_EOS)
+    ),
+    "llama-3.2-90b-vision": LlamaVisionConfig(
+        vision=VisionConfig(image_size=560),
+        text=TextConfig(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=100,
+            num_attention_heads=64,
+            cross_attention_layers=tuple(range(3, 100, 5)),
+        ),
+    ),
+    "llama-3.2-90b-vision-instruct": LlamaVisionConfig(
+        vision=VisionConfig(image_size=560),
+        text=TextConfig(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=100,
+            num_attention_heads=64,
+            cross_attention_layers=tuple(range(3, 100, 5)),
+            eos_token_id=_INSTRUCT_EOS,
+        ),
+    ),
+    # Small configurations of the same architecture, for tests and benchmarks.
+    "tiny": LlamaVisionConfig(
+        vision=VisionConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            num_global_layers=2,
+            attention_heads=4,
+            image_size=56,
+            intermediate_layers_indices=(1, 3, 5),
+        ),
+        text=TextConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            cross_attention_layers=(1, 4),
+            eos_token_id=_INSTRUCT_EOS,
+        ),
+    ),
+    "bench-small": LlamaVisionConfig(
+        vision=VisionConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=8,
+            num_global_layers=2,
+            attention_heads=4,
+            image_size=224,
+            intermediate_layers_indices=(1, 3, 5, 7),
+        ),
+        text=TextConfig(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            cross_attention_layers=(2, 6, 10),
+            eos_token_id=_INSTRUCT_EOS,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> LlamaVisionConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
