@@ -85,7 +85,9 @@ class VisionConfig:
                 f"hidden_size={self.hidden_size} is not divisible by attention_heads={self.attention_heads}",
             )
         if self.image_size % self.patch_size:
-            _fail(type(self), f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            _fail(
+                type(self), f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
         bad = [i for i in self.intermediate_layers_indices if not 0 <= i < self.num_hidden_layers]
         if bad:
             _fail(
@@ -365,10 +367,6 @@ def _read_hf_rope(text: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         high_freq_factor=scaling.get("high_freq_factor", 4.0),
         original_max_position_embeddings=scaling.get("original_max_position_embeddings", 8192),
     )
-
-
-def _text_11b(**kw: Any) -> TextConfig:
-    return TextConfig(**kw)
 
 
 _INSTRUCT_EOS = (128001, 128008, 128009)

@@ -1,0 +1,205 @@
+"""Loading and saving checkpoints.
+
+Formats read:
+- Hugging Face: `config.json` + safetensors (one file, or shards listed in
+  `model.safetensors.index.json`), with the hub's key layout (`language_model.model.*`,
+  `vision_model.*`, `multi_modal_projector.*`, `language_model.lm_head.weight`) or the layout that
+  transformers >= 4.52 keeps in memory and some tools save (`model.language_model.*`, `lm_head.weight`...).
+- Meta: `params.json` + `consolidated.NN.pth` (meta_checkpoint.py).
+
+The model is built on the meta device (no memory, no random initialisation), then every tensor is read
+once, lazily, converted to the requested dtype and device, and assigned. Pickled `.bin` files are never
+unpickled; Meta's `.pth` files are read with `weights_only=True`. Any missing, unexpected, duplicated or
+mis-shaped tensor is an error that names the key and the shapes.
+
+Format written: the Hugging Face hub layout, which transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llama_vision.config import LlamaVisionConfig
+from llama_vision.meta_checkpoint import is_meta_checkpoint, load_meta_shards, meta_tensors
+from llama_vision.model import LlamaVisionModel
+
+INDEX_FILE = "model.safetensors.index.json"
+
+# transformers >= 4.52 in-memory names -> hub names (ours)
+_NEW_LAYOUT = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def read_config(path: str | Path) -> LlamaVisionConfig:
+    """The model configuration of a checkpoint directory in either layout."""
+    path = _checkpoint_dir(path)
+    if (path / "config.json").is_file():
+        return LlamaVisionConfig.from_hf(_read_json(path / "config.json"))
+    if (path / "params.json").is_file():
+        return LlamaVisionConfig.from_meta(_read_json(path / "params.json"))
+    raise ValueError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout) found")
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> LlamaVisionModel:
+    """Build the model on the meta device and fill it from a checkpoint directory.
+
+    `dtype` None keeps each tensor's stored dtype (bfloat16 for the official checkpoints).
+    """
+    path = _checkpoint_dir(path)
+    config = read_config(path)
+    with torch.device("meta"):
+        model = LlamaVisionModel(config)
+    if (path / "config.json").is_file():
+        tensors = _hf_tensors(path)
+    elif is_meta_checkpoint(path):
+        tensors = meta_tensors(load_meta_shards(path), config)
+    else:
+        raise ValueError(f"{path}: params.json found but no consolidated.NN.pth weights")
+    state = _collect(model, tensors, torch.device(device), dtype, progress)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _collect(
+    model: LlamaVisionModel,
+    tensors: Iterable[tuple[str, str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for n, (source, ours, tensor) in enumerate(tensors, start=1):
+        if ours not in expected:
+            unexpected.append(source)
+            continue
+        if ours in state:
+            raise ValueError(f"checkpoint holds {ours!r} twice (second time as {source!r})")
+        if tuple(tensor.shape) != expected[ours]:
+            raise ValueError(
+                f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, but the model's {ours!r} "
+                f"expects {expected[ours]}: the checkpoint does not match its config"
+            )
+        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if progress and (n % max(1, len(expected) // 50) == 0 or n == len(expected)):
+            print(f"\rloading weights: {n}/{len(expected)} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    if unexpected:
+        raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    return state
+
+
+def hf_key(key: str) -> str:
+    """Our (hub-layout) name for a key in either Hugging Face layout."""
+    for new, old in _NEW_LAYOUT:
+        if key.startswith(new):
+            return old + key[len(new) :]
+    if key.startswith("language_model.") and not key.startswith(
+        ("language_model.model.", "language_model.lm_head.")
+    ):
+        return "language_model.model." + key[len("language_model.") :]  # MllamaModel dumps
+    return key
+
+
+def _hf_tensors(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, hf_key(key), f.get_tensor(key)
+        except ValueError:
+            raise
+        except Exception as err:  # safetensors reports a truncated or corrupt file this way
+            raise ValueError(f"cannot read {file}: {err}") from err
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        weight_map = _read_json(path / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path / INDEX_FILE}: no weight_map")
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"{path}: shards listed in {INDEX_FILE} are missing: {absent}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ValueError(
+            f"{path}: only pickled PyTorch weights (.bin/.pt) found; they can run code when loaded, so "
+            "they are not read. Convert them to safetensors first."
+        )
+    raise ValueError(f"{path}: no *.safetensors weights found")
+
+
+def save_checkpoint(model: LlamaVisionModel, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and sharded safetensors in the Hugging Face hub layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    config = model.config.to_hf()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory; pass the checkpoint's directory")
+    return path
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {file}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return data
