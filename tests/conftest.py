@@ -1,0 +1,51 @@
+"""Shared fixtures. Tokenizer files: Meta's tokenizer.model shipped in the `llama-models` package, and a
+tokenizer.json converted from it by transformers' own `TikTokenConverter`, with the special tokens laid out
+as on the Llama 3.2 Vision hub checkpoints (reserved 2..246 at 128011..128255, `<|image|>` at 128256)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer_model() -> Path:
+    """Path of Meta's Llama 3 tokenizer.model (base64 BPE ranks) from the llama-models package."""
+    llama3 = pytest.importorskip("llama_models.llama3")
+    return Path(llama3.__file__).parent / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_json(meta_tokenizer_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tokenizer.json built from tokenizer.model the way the Hugging Face Mllama converter does (~1 s)."""
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    from tokenizers import AddedToken
+
+    tokenizer = convert.TikTokenConverter(
+        vocab_file=str(meta_tokenizer_model), pattern=LLAMA3_PATTERN
+    ).converted()
+    special = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ]
+    special += [f"<|reserved_special_token_{i}|>" for i in range(2, 247)] + ["<|image|>"]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    assert tokenizer.token_to_id("<|image|>") == 128256
+    path = tmp_path_factory.mktemp("hf_tokenizer") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
