@@ -1,0 +1,52 @@
+"""The public API end to end: from_pretrained on both layouts, processor -> model -> logits."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from reference import random_image, randomize_
+
+from llama_vision import LlamaVision, LlamaVisionModel, save_checkpoint
+from llama_vision.config import PRESETS
+
+CONFIG = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(randomize_(LlamaVisionModel(CONFIG), seed=7), path)
+    shutil.copy(hf_tokenizer_json, path / "tokenizer.json")
+    return path
+
+
+def test_from_pretrained_and_logits(checkpoint: Path) -> None:
+    lv = LlamaVision.from_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+    assert lv.config == CONFIG and lv.tokenizer.image_id == 128256
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    prompt = lv.processor.apply_chat_template(messages, add_generation_prompt=True)
+    with torch.no_grad():
+        logits = lv.model(**lv.processor(text=prompt, images=[random_image(80, 60)]))
+    T = len(lv.tokenizer.encode(prompt))
+    assert logits.shape == (1, T, CONFIG.text.vocab_size) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+def test_checkpoint_chat_template_is_used(checkpoint: Path, tmp_path: Path) -> None:
+    path = shutil.copytree(checkpoint, tmp_path / "templated")
+    (path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    lv = LlamaVision.from_pretrained(path)
+    assert lv.processor.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|begin_of_text|>[user]>"
+
+
+def test_missing_tokenizer_fails_before_loading(checkpoint: Path, tmp_path: Path) -> None:
+    path = shutil.copytree(checkpoint, tmp_path / "no_tokenizer")
+    (path / "tokenizer.json").unlink()
+    (path / "model.safetensors").unlink()  # would fail later; the tokenizer error must come first
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        LlamaVision.from_pretrained(path)
