@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llama_vision.adapters.cross_attention import CrossAttentionLayer
-from llama_vision.adapters.masks import cross_attention_mask, vision_token_intervals
 from reference import randomize_
 
+from llama_vision.adapters.cross_attention import CrossAttentionLayer
+from llama_vision.adapters.masks import cross_attention_mask, vision_token_intervals
 from llama_vision.config import PRESETS
 from llama_vision.model import LlamaVisionModel
 

@@ -239,7 +239,7 @@ def test_meta_model_parallel_shards_merge(tmp_path: Path) -> None:
     single = save_meta_checkpoint(meta, META_PARAMS, tmp_path / "one", vision=META_VISION)
     reference = load_checkpoint(single)
 
-    n = 4
+    n = 8  # as the 90B checkpoints
     dims = _split_dims(meta)
     state = torch.load(single / "consolidated.00.pth", weights_only=True)
     shards = [{} for _ in range(n)]
