@@ -370,32 +370,22 @@ def _read_hf_rope(text: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 _INSTRUCT_EOS = (128001, 128008, 128009)
+_TEXT_90B = TextConfig(
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=100,
+    num_attention_heads=64,
+    cross_attention_layers=tuple(range(3, 100, 5)),
+)
 
 PRESETS: dict[str, LlamaVisionConfig] = {
     "llama-3.2-11b-vision": LlamaVisionConfig(vision=VisionConfig(image_size=448), text=TextConfig()),
     "llama-3.2-11b-vision-instruct": LlamaVisionConfig(
         vision=VisionConfig(image_size=560), text=TextConfig(eos_token_id=_INSTRUCT_EOS)
     ),
-    "llama-3.2-90b-vision": LlamaVisionConfig(
-        vision=VisionConfig(image_size=560),
-        text=TextConfig(
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=100,
-            num_attention_heads=64,
-            cross_attention_layers=tuple(range(3, 100, 5)),
-        ),
-    ),
+    "llama-3.2-90b-vision": LlamaVisionConfig(vision=VisionConfig(image_size=560), text=_TEXT_90B),
     "llama-3.2-90b-vision-instruct": LlamaVisionConfig(
-        vision=VisionConfig(image_size=560),
-        text=TextConfig(
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=100,
-            num_attention_heads=64,
-            cross_attention_layers=tuple(range(3, 100, 5)),
-            eos_token_id=_INSTRUCT_EOS,
-        ),
+        vision=VisionConfig(image_size=560), text=replace(_TEXT_90B, eos_token_id=_INSTRUCT_EOS)
     ),
     # Small configurations of the same architecture, for tests and benchmarks.
     "tiny": LlamaVisionConfig(
