@@ -49,6 +49,8 @@ _CROSS_ATTN = {
     "gate_attn": "cross_attn_attn_gate",
     "gate_ffwd": "cross_attn_mlp_gate",
 }
+_SELF_LAYER = _TEXT_LAYER | _SELF_ATTN
+_CROSS_LAYER = _TEXT_LAYER | _CROSS_ATTN
 _VISION_LAYER = {
     **{f"attn.w{x}.weight": f"self_attn.{x}_proj.weight" for x in "qkvo"},
     "ln_1.weight": "input_layernorm.weight",
@@ -147,16 +149,16 @@ def _convert(
         return "language_model.lm_head.weight", state[key]
     if m := re.fullmatch(r"text_model\.layers\.(\d+)\.(.+)", key):
         i, rest = int(m[1]), m[2]
-        if i >= len(self_layers) or (rest not in _TEXT_LAYER and rest not in _SELF_ATTN):
+        if i >= len(self_layers) or rest not in _SELF_LAYER:
             return "", state[key]
         tensor = state[key]
         if rest in ("attention.wq.weight", "attention.wk.weight"):
             n_heads = t.num_attention_heads if rest == "attention.wq.weight" else t.num_key_value_heads
             tensor = _interleaved_to_half(tensor, n_heads)
-        return f"language_model.model.layers.{self_layers[i]}.{(_TEXT_LAYER | _SELF_ATTN)[rest]}", tensor
+        return f"language_model.model.layers.{self_layers[i]}.{_SELF_LAYER[rest]}", tensor
     if m := re.fullmatch(r"text_model\.cross_attention_layers\.(\d+)\.(.+)", key):
         j, rest = int(m[1]), m[2]
-        name = (_TEXT_LAYER | _CROSS_ATTN).get(rest)
+        name = _CROSS_LAYER.get(rest)
         if j >= len(cross) or name is None:
             return "", state[key]
         return f"language_model.model.layers.{cross[j]}.{name}", state[key]
