@@ -147,3 +147,22 @@ def test_from_hf_rejects_other_models() -> None:
 def test_from_meta_requires_fields() -> None:
     with pytest.raises(ValueError, match="vision_chunk_size"):
         LlamaVisionConfig.from_meta({"dim": 64, "n_layers": 2, "n_heads": 2, "vocab_size": 10})
+
+
+@pytest.mark.parametrize(("name", "image_tokens"), [("llama-3.2-11b-vision", 4100), ("llama-3.2-90b-vision", 6404)])
+def test_full_size_forward_shapes_on_the_meta_device(name: str, image_tokens: int) -> None:
+    """The real sizes run end to end (no memory: meta tensors), 4 tiles of 448 or 560 px."""
+    config = PRESETS[name]
+    S = config.vision.image_size
+    ids = torch.tensor([[128000, 128256, 791, 2217]])
+    with torch.device("meta"):
+        model = LlamaVisionModel(config).to(torch.bfloat16)
+        images = {
+            "pixel_values": torch.empty(1, 1, 4, 3, S, S),
+            "aspect_ratio_ids": torch.ones(1, 1, dtype=torch.int64),
+            "aspect_ratio_mask": torch.ones(1, 1, 4, dtype=torch.int64),
+        }
+        states = model.encode_images(**images)
+        logits = model(ids, **images, cross_attention_mask=torch.ones(1, 4, 1, 4, dtype=torch.int64))
+    assert states.shape == (1, image_tokens, config.text.hidden_size) and states.dtype == torch.bfloat16
+    assert logits.shape == (1, 4, 128256) and logits.dtype == torch.float32
