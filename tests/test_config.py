@@ -154,8 +154,8 @@ def test_full_size_forward_shapes_on_the_meta_device(name: str, image_tokens: in
     """The real sizes run end to end (no memory: meta tensors), 4 tiles of 448 or 560 px."""
     config = PRESETS[name]
     S = config.vision.image_size
-    ids = torch.tensor([[128000, 128256, 791, 2217]])
     with torch.device("meta"):
+        ids = torch.tensor([[128000, 128256, 791, 2217]])
         model = LlamaVisionModel(config).to(torch.bfloat16)
         images = {
             "pixel_values": torch.empty(1, 1, 4, 3, S, S),
