@@ -4,11 +4,13 @@ from llama_vision.api import LlamaVision
 from llama_vision.config import PRESETS, LlamaVisionConfig, TextConfig, VisionConfig, get_preset
 from llama_vision.model import LlamaVisionModel
 from llama_vision.processor import Processor
+from llama_vision.sampling import GenerationConfig
 from llama_vision.tokenizer import Tokenizer
 from llama_vision.weights import load_checkpoint, read_config, save_checkpoint
 
 __all__ = [
     "PRESETS",
+    "GenerationConfig",
     "LlamaVision",
     "LlamaVisionConfig",
     "LlamaVisionModel",

@@ -16,6 +16,9 @@ and the model is exactly the text-only Llama.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -25,9 +28,24 @@ from llama_vision.adapters.projector import Projector
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.encoders.vision import VisionEncoder
 from llama_vision.layers import RMSNorm, rope_cos_sin, rope_inv_freq
-from llama_vision.text import DecoderLayer, self_attention_mask
+from llama_vision.text import DecoderLayer, KVCache, self_attention_mask
 
 ImageKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: k, v (B, Hkv, S, Dh)
+
+
+@dataclass
+class ImageContext:
+    """What the cross-attention layers need, computed once per request: image keys/values of every
+    cross-attention layer, the boolean (B, 1, T, S) mask of which image tokens each text row may see,
+    and the (B, 1, T, 1) row mask that zeroes rows seeing no image."""
+
+    kv: ImageKV
+    mask: torch.Tensor
+    row_mask: torch.Tensor
+
+    def last_row(self) -> ImageContext:
+        """The context of a token appended after the last one: it sees what the last token saw."""
+        return ImageContext(self.kv, self.mask[:, :, -1:], self.row_mask[:, :, -1:])
 
 
 class TextStack(nn.Module):
@@ -65,6 +83,7 @@ class LlamaVisionModel(nn.Module):
         self.vision_model = VisionEncoder(config.vision)
         self.multi_modal_projector = Projector(config.vision.vision_output_dim, config.text.hidden_size)
         self.language_model = TextDecoder(config)
+        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the device
 
     def forward(
         self,
@@ -76,29 +95,57 @@ class LlamaVisionModel(nn.Module):
         cross_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32 for token ids (B, T); image inputs as the processor makes them."""
-        text = self.language_model.model
-        has_images = pixel_values is not None and pixel_values.shape[1] > 0
-        if has_images:
-            if cross_attention_mask is None:
-                raise ValueError("pixel_values given without cross_attention_mask")
-            image_kv = self.image_kv(self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
-            xmask, row_mask = image_attention_mask(
-                cross_attention_mask, self.config.vision.num_patches, self.dtype
-            )
-
-        h = text.embed_tokens(input_ids)  # B T D
-        cos, sin = self.rope(input_ids, attention_mask)
+        images = self.prepare_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
         mask = self_attention_mask(attention_mask, input_ids.shape[1])
+        return self.decode(input_ids, token_positions(input_ids, attention_mask), mask, images)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        images: ImageContext | None,
+        cache: Sequence[KVCache | None] | None = None,
+        slots: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The text decoder over tokens (B, T) at RoPE `positions` (B, T), float32 logits (B, T or 1, vocab).
+
+        `mask` is the boolean self-attention mask (None: causal). With `cache` (one entry per layer, None
+        for cross-attention layers) keys and values are written at `slots` (T,) and `mask` spans the cache.
+        """
+        text = self.language_model.model
+        h = text.embed_tokens(input_ids)  # B T D
+        cos, sin = self.rope(positions)
         cross_index = 0
-        for layer in text.layers:
+        for i, layer in enumerate(text.layers):
             if isinstance(layer, CrossAttentionLayer):
-                if has_images:  # text-only inputs skip the adapters entirely
-                    h = layer(h, image_kv[cross_index], xmask, row_mask)
+                if images is not None:  # text-only inputs skip the adapters entirely
+                    h = layer(h, images.kv[cross_index], images.mask, images.row_mask)
                 cross_index += 1
             else:
-                h = layer(h, cos, sin, mask)
-        h = text.norm(h)
-        return self.language_model.lm_head(h).float()
+                h = layer(h, cos, sin, mask, None if cache is None else cache[i], slots)
+        if last_only:
+            h = h[:, -1:]
+        return self.language_model.lm_head(text.norm(h)).float()
+
+    def prepare_images(
+        self,
+        pixel_values: torch.Tensor | None,
+        aspect_ratio_ids: torch.Tensor | None,
+        aspect_ratio_mask: torch.Tensor | None,
+        cross_attention_mask: torch.Tensor | None,
+    ) -> ImageContext | None:
+        """Encode the images and project their keys/values once; None when there is no image."""
+        if pixel_values is None or pixel_values.shape[1] == 0:
+            return None
+        if cross_attention_mask is None:
+            raise ValueError("pixel_values given without cross_attention_mask")
+        kv = self.image_kv(self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
+        mask, row_mask = image_attention_mask(
+            cross_attention_mask, self.config.vision.num_patches, self.dtype
+        )
+        return ImageContext(kv, mask, row_mask)
 
     def encode_images(
         self,
@@ -119,16 +166,12 @@ class LlamaVisionModel(nn.Module):
             if isinstance(layer, CrossAttentionLayer)
         ]
 
-    def rope(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE angles; positions count real tokens only, so a left-padded row equals the row alone."""
-        t = self.config.text
-        if attention_mask is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return rope_cos_sin(positions, rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling))
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos and sin (B, 1, T, Dh), float32, for positions (B, T)."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:  # once, not every step
+            t = self.config.text
+            self._inv_freq = rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling).to(positions.device)
+        return rope_cos_sin(positions, self._inv_freq)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -137,3 +180,10 @@ class LlamaVisionModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.language_model.lm_head.weight.device
+
+
+def token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """RoPE positions (B, T); they count real tokens only, so a left-padded row equals the row alone."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -4,6 +4,12 @@ module names equal the Hugging Face checkpoint keys (`self_attn.q_proj`, `input_
 
 Attention runs through `scaled_dot_product_attention` with `enable_gqa`, so key/value heads are never
 copied H/Hkv times. With no mask and no cache the causal kernel path is used.
+
+With a `KVCache` (generation), the new keys and values are written into its preallocated buffers at
+`slots`. What the queries attend to is what the mask spans: a (B, 1, T, L) mask over the whole cache
+(decoding; it hides slots that are empty, padding or in the future), or a (B, 1, T, T) mask or None over
+the new keys alone (the prompt, written into an empty cache: no T x L mask, and the causal kernel when
+nothing is padded). Decoding shapes never change, so the decode step can be compiled and graph-captured.
 """
 
 from __future__ import annotations
@@ -13,6 +19,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_vision.layers import MLP, RMSNorm, apply_rope
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values (B, Hkv, L, Dh) of one self-attention layer; never saved."""
+
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, Dh) at cache slots (T,); return the whole buffers."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
 
 class SelfAttention(nn.Module):
@@ -31,12 +63,18 @@ class SelfAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # B H T Dh
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # B Hkv T Dh
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cached_k, cached_v = cache.update(k, v, slots)  # B Hkv L Dh
+            if mask is not None and mask.shape[-1] == cached_k.shape[2]:  # the mask spans the cache
+                k, v = cached_k, cached_v
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
         )
@@ -52,9 +90,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(dim, hidden_dim)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, slots)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -69,3 +113,12 @@ def self_attention_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Te
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     keep = causal & attention_mask.bool()[:, None, None, :]
     return keep | torch.eye(T, dtype=torch.bool, device=device)
+
+
+def cache_attention_mask(valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, L) mask for queries written at cache `slots` (T,): a query sees the non-padding
+    slots (`valid`, (B, L)) up to and including its own, and always itself, so a padding query attends to
+    something (no NaN, which would reach real rows through the cached values)."""
+    index = torch.arange(valid.shape[1], device=valid.device)[None, :]  # 1 L
+    causal, own = index <= slots[:, None], index == slots[:, None]  # T L
+    return ((causal[None] & valid[:, None, :]) | own[None])[:, None]
