@@ -14,6 +14,9 @@ The engine (after gpt-fast, with Meta's `generation.py` semantics):
   repeats the mask's last row) and in Meta's with one image. With two or more images Meta's
   `create_vision_mask` ends the last interval at the prompt's length, so its generated tokens after
   the first see no image; we do not reproduce that (tests/test_generation_parity.py pins it).
+- On the CPU the model's linear layers are switched to a blocked matrix-vector path for few-row inputs
+  (cpu_linear.py: same weights and keys; 3x faster decoding in float32 where MKL's small-batch path is
+  slow).
 - Rows are left-padded; RoPE positions count real tokens only, so a row decodes the same alone or in a
   batch. A row stops at its first end-of-turn id; the loop ends when every row has stopped or after
   `max_new_tokens`.
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from llama_vision.adapters.cross_attention import CrossAttentionLayer
+from llama_vision.cpu_linear import use_blocked_linears
 from llama_vision.model import ImageContext, LlamaVisionModel, token_positions
 from llama_vision.sampling import GenerationConfig, select
 from llama_vision.text import KVCache, cache_attention_mask, self_attention_mask
@@ -43,7 +47,7 @@ class Engine:
     """Generates token ids for processor outputs with `model`; `compile=True` compiles the decode step."""
 
     def __init__(self, model: LlamaVisionModel, *, compile: bool = False) -> None:
-        self.model = model
+        self.model = use_blocked_linears(model)  # full memory bandwidth for few-row products on the CPU
         self.compiled = compile
         self._step = self.decode_step
         if compile:
