@@ -149,7 +149,9 @@ def test_from_meta_requires_fields() -> None:
         LlamaVisionConfig.from_meta({"dim": 64, "n_layers": 2, "n_heads": 2, "vocab_size": 10})
 
 
-@pytest.mark.parametrize(("name", "image_tokens"), [("llama-3.2-11b-vision", 4100), ("llama-3.2-90b-vision", 6404)])
+@pytest.mark.parametrize(
+    ("name", "image_tokens"), [("llama-3.2-11b-vision", 4100), ("llama-3.2-90b-vision", 6404)]
+)
 def test_full_size_forward_shapes_on_the_meta_device(name: str, image_tokens: int) -> None:
     """The real sizes run end to end (no memory: meta tensors), 4 tiles of 448 or 560 px."""
     config = PRESETS[name]
