@@ -47,6 +47,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +59,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import randomize_  # noqa: E402  the random-weight scheme of the parity tests
 
 from llama_vision import (
     GenerationConfig,
@@ -216,39 +220,6 @@ def decode_bytes_per_step(
 
 
 # ---------------------------------------------------------------------------------- checkpoint, inputs
-def _param_kind(name: str, p: torch.Tensor) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    if "gate" in name and p.numel() == 1:
-        return "gate"
-    if p.ndim == 1 and ("norm" in name or "ln_" in name):
-        return "norm_bias" if leaf == "bias" else "norm_weight"
-    if p.ndim == 1:
-        return "bias"
-    if "embed" in name and "patch_embedding" not in name:
-        return "embedding"  # token tables, class embedding, positional and tile tables
-    return "matrix"
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Refill every parameter in place from one seeded generator on the parameters' own device."""
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        kind = _param_kind(name, p)
-        if kind == "gate":
-            p.uniform_(0.3, 1.0, generator=g)
-        elif kind == "norm_weight":
-            p.normal_(1.0, 0.1, generator=g)
-        elif kind in ("norm_bias", "bias"):
-            p.normal_(0.0, 0.1, generator=g)
-        elif kind == "embedding":
-            p.normal_(0.0, 1.0, generator=g)
-        else:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-    return model
-
-
 def meta_tokenizer_model() -> Path:
     import llama_models.llama3
 

@@ -13,13 +13,14 @@ Top-p keeps the most probable tokens whose probability mass before them is at mo
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llama_vision.weights import read_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,12 +91,7 @@ class GenerationConfig:
         path = Path(directory) / "generation_config.json"
         if not path.is_file():
             return cls()
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
+        data = read_json(path)
         return cls.from_hf(data)
 
 

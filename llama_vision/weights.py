@@ -45,9 +45,9 @@ def read_config(path: str | Path) -> LlamaVisionConfig:
     """The model configuration of a checkpoint directory in either layout."""
     path = _checkpoint_dir(path)
     if (path / "config.json").is_file():
-        return LlamaVisionConfig.from_hf(_read_json(path / "config.json"))
+        return LlamaVisionConfig.from_hf(read_json(path / "config.json"))
     if (path / "params.json").is_file():
-        return LlamaVisionConfig.from_meta(_read_json(path / "params.json"))
+        return LlamaVisionConfig.from_meta(read_json(path / "params.json"))
     raise ValueError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout) found")
 
 
@@ -137,7 +137,7 @@ def _hf_tensors(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
 
 def _safetensors_files(path: Path) -> list[Path]:
     if (path / INDEX_FILE).is_file():
-        weight_map = _read_json(path / INDEX_FILE).get("weight_map")
+        weight_map = read_json(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{path / INDEX_FILE}: no weight_map")
         files = [path / name for name in dict.fromkeys(weight_map.values())]
@@ -195,7 +195,8 @@ def _checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
+    """A JSON object from `file`; any problem is a ValueError naming the file."""
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -98,8 +98,9 @@ def _param_kind(name: str, p: torch.Tensor) -> str:
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Refill every parameter of `model` in place from one seeded generator (see the module docstring)."""
-    g = torch.Generator().manual_seed(seed)
+    """Refill every parameter of `model` in place from one seeded generator (see the module docstring),
+    on the parameters' own device (bench/generate.py fills GPU-sized models this way too)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         kind = _param_kind(name, p)
         if kind == "gate":
