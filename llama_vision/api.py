@@ -68,12 +68,13 @@ class LlamaVision:
     def stream(
         self, messages: Sequence[dict[str, Any]], *, max_num_tiles: int | None = None, **options: Any
     ) -> Iterator[str]:
-        """The answer as it is generated, in pieces of whole characters; stops early when closed."""
+        """The answer as it is generated, in pieces of whole characters; stops early when closed.
+
+        Options, messages and images are checked here, before the first piece is asked for."""
         config = self.generation_config.replace(**options)
         inputs = self.processor.chat_inputs([messages], max_num_tiles=max_num_tiles)
-        for (piece,) in stream_rows(self.engine, self._streams(config, 1), inputs, config):
-            if piece:
-                yield piece
+        rows = stream_rows(self.engine, self._streams(config, 1), inputs, config)
+        return (piece for (piece,) in rows if piece)
 
     def generate(
         self,
@@ -84,8 +85,13 @@ class LlamaVision:
     ) -> list[str]:
         """Answers to several conversations, run as one left-padded batch; each row stops on its own."""
         config = self.generation_config.replace(**options)
-        if isinstance(conversations, dict) or not conversations:
+        if isinstance(conversations, (str, dict)) or not conversations:
             raise ValueError("generate takes a non-empty list of conversations (each a list of messages)")
+        if isinstance(conversations[0], dict):
+            raise ValueError(
+                "generate takes a list of conversations, got a list of messages: "
+                "use chat() for one conversation, or wrap it in a list"
+            )
         inputs = self.processor.chat_inputs(conversations, max_num_tiles=max_num_tiles)
         streams = self._streams(config, len(conversations))
         for _ in stream_rows(self.engine, streams, inputs, config):

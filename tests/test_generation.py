@@ -258,3 +258,16 @@ def _byte_token(b: int) -> str:
     from llama_vision.tokenizer import _byte_to_unicode
 
     return _byte_to_unicode()[b]
+
+
+def test_bad_calls_fail_early_and_clearly(lv: LlamaVision) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        lv.stream(CHATS["one image"], temperature=-1)  # before the first piece is asked for
+    with pytest.raises(ValueError, match="unknown generation option"):
+        lv.chat(CHATS["one image"], temprature=0.5)
+    with pytest.raises(ValueError, match="use chat"):
+        lv.generate(CHATS["one image"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        lv.generate([])
+    with pytest.raises(ValueError, match="max_num_tiles"):
+        lv.chat(CHATS["one image"], max_num_tiles=9)
