@@ -17,10 +17,9 @@ Follows Meta's `CrossAttention` / `CrossAttentionTransformerBlock` (llama-models
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llama_vision.layers import MLP, RMSNorm
+from llama_vision.layers import MLP, RMSNorm, grouped_attention
 
 
 class CrossAttention(nn.Module):
@@ -51,9 +50,9 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask, enable_gqa=True)  # B H T Dh
-        out = out * row_mask  # rows that see no image contribute nothing (Meta: before o_proj)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = grouped_attention(q, *kv, mask)  # B T H*Dh
+        out = out * row_mask[:, 0]  # rows that see no image contribute nothing (Meta: before o_proj)
+        return self.o_proj(out)
 
 
 class CrossAttentionLayer(nn.Module):

@@ -72,3 +72,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos + rotated * sin).type_as(x)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Grouped-query attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh) under a boolean mask
+    (B, 1, T, S) or none (everything visible). Returns (B, T, H * Dh).
+
+    The H / Hkv query heads that share a key/value head are folded into the query axis, so one SDPA call
+    over Hkv heads runs the fused kernel and keys and values are never copied; SDPA's own `enable_gqa`
+    with a mask falls back to a path that repeats them and materialises every attention weight.
+    """
+    B, H, T, Dh = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    q = q.reshape(B, Hkv, G * T, Dh)  # rows (g, t) of each key/value head
+    if mask is not None:
+        mask = mask.expand(B, 1, G, mask.shape[-1]) if T == 1 else mask.repeat(1, 1, G, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # B Hkv G*T Dh
+    return out.view(B, Hkv, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, H * Dh)

@@ -2,8 +2,9 @@
 RMSNorm -> SwiGLU -> residual. Follows Meta's `llama3/multimodal/model.py` `TransformerBlock`;
 module names equal the Hugging Face checkpoint keys (`self_attn.q_proj`, `input_layernorm`, ...).
 
-Attention runs through `scaled_dot_product_attention` with `enable_gqa`, so key/value heads are never
-copied H/Hkv times. With no mask and no cache the causal kernel path is used.
+Attention runs through `scaled_dot_product_attention`. Under a mask, the query heads that share a
+key/value head are folded into the query axis (`grouped_attention`), so keys and values are never copied
+H/Hkv times; without one (a prompt alone) the fused causal kernel runs on keys repeated per head.
 
 With a `KVCache` (generation), the new keys and values are written into its preallocated buffers at
 `slots`. What the queries attend to is what the mask spans: a (B, 1, T, L) mask over the whole cache
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_vision.layers import MLP, RMSNorm, apply_rope
+from llama_vision.layers import MLP, RMSNorm, apply_rope, grouped_attention
 
 
 class KVCache(nn.Module):
@@ -75,10 +76,12 @@ class SelfAttention(nn.Module):
             cached_k, cached_v = cache.update(k, v, slots)  # B Hkv L Dh
             if mask is not None and mask.shape[-1] == cached_k.shape[2]:  # the mask spans the cache
                 k, v = cached_k, cached_v
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        if mask is None:  # the prompt alone, causal: the fused causal kernel needs every head's keys
+            G = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # B H T Dh
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(grouped_attention(q, k, v, mask))
 
 
 class DecoderLayer(nn.Module):
