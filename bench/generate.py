@@ -56,12 +56,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import randomize_  # noqa: E402  the random-weight scheme of the parity tests
+from reference import random_image, randomize_  # noqa: E402  the parity tests' random weights and images
 
 from llama_vision import (
     GenerationConfig,
@@ -276,16 +275,6 @@ def write_hf_processor(config: LlamaVisionConfig, out: Path) -> None:
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     MllamaProcessor(images, tokenizer).save_pretrained(out)
-
-
-def random_image(size: int, seed: int) -> Image.Image:
-    """An RGB image of smooth colour gradients plus noise (resizing keeps it varied)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    base = rng.uniform(0, 255, size=3)
-    fx, fy = rng.uniform(0.02, 0.2, size=2)
-    pixels = base + 80 * np.sin(fx * x + fy * y)[..., None] + rng.normal(0, 40, size=(size, size, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def make_prompts(tokenizer: Tokenizer, batch: int, prompt_tokens: int) -> list[str]:
@@ -504,7 +493,8 @@ def bench_batch(B: int, ours: Ours, hf: HF | None, args: argparse.Namespace) -> 
     """Table rows and target checks for batch size B."""
     config = ours.lv.config
     prompts = make_prompts(ours.lv.tokenizer, B, args.prompt_tokens)
-    images = [random_image(2 * config.vision.image_size, seed=b) for b in range(B)]  # 2 x 2 tiles each
+    size = 2 * config.vision.image_size
+    images = [random_image(size, size, seed=b) for b in range(B)]  # 2 x 2 tiles each
     step = decode_bytes_per_step(
         config,
         batch=B,
