@@ -49,9 +49,11 @@ class Engine:
     def __init__(self, model: LlamaVisionModel, *, compile: bool = False) -> None:
         self.model = use_blocked_linears(model)  # full memory bandwidth for few-row products on the CPU
         self.compiled = compile
+        self._graphs = compile and model.device.type == "cuda"  # CUDA graphs on a GPU
+        self._spare_cache: list[KVCache | None] | None = None  # compiled: the last request's, for reuse
         self._step = self.decode_step
         if compile:
-            mode = "reduce-overhead" if model.device.type == "cuda" else None  # CUDA graphs on a GPU
+            mode = "reduce-overhead" if self._graphs else None
             self._step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode)
 
     @torch.no_grad()
@@ -88,17 +90,23 @@ class Engine:
         position = positions[:, -1:] + 1  # B 1
         slot = torch.tensor([T], device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(new_tokens):
-            token = select(logits, config, seen, generator)
-            yield token.masked_fill(finished, FINISHED)
-            finished |= torch.isin(token, eos)
-            if step == new_tokens - 1 or bool(finished.all()):
-                return
-            if seen is not None:
-                seen[torch.arange(B, device=device), token] = True
-            logits = self._step(token[:, None], position, slot, valid, cache, decode_images)
-            position += 1
-            slot += 1
+        try:
+            for step in range(new_tokens):
+                token = select(logits, config, seen, generator)
+                yield token.masked_fill(finished, FINISHED)
+                finished |= torch.isin(token, eos)
+                if step == new_tokens - 1 or bool(finished.all()):
+                    return
+                if seen is not None:
+                    seen[torch.arange(B, device=device), token] = True
+                if self._graphs:  # the graphs may now reuse the last step's output buffers
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self._step(token[:, None], position, slot, valid, cache, decode_images)
+                position += 1
+                slot += 1
+        finally:
+            if self.compiled:
+                self._spare_cache = cache
 
     def decode_step(
         self,
@@ -114,10 +122,20 @@ class Engine:
         return self.model.decode(token, position, mask, images, cache, slot)[:, -1]
 
     def new_cache(self, batch: int, length: int) -> list[KVCache | None]:
-        """A zeroed cache for `length` tokens: one KVCache per self-attention layer, None for the others."""
+        """A zeroed cache for `length` tokens: one KVCache per self-attention layer, None for the others.
+
+        Compiled, the length is rounded up to a multiple of 128 and the last request's cache is reused
+        (zeroed) when it fits exactly, so the compiled step, and its CUDA graphs, see the same buffers;
+        a request running alongside another gets a cache of its own."""
+        t, model = self.model.config.text, self.model
         if self.compiled:
             length = -(-length // 128) * 128
-        t, model = self.model.config.text, self.model
+            spare, self._spare_cache = self._spare_cache, None
+            if spare is not None and self._fits(spare, batch, length):
+                for layer_cache in filter(None, spare):
+                    layer_cache.k.zero_()
+                    layer_cache.v.zero_()
+                return spare
         cache: list[KVCache | None] = []
         for layer in model.language_model.model.layers:
             if isinstance(layer, CrossAttentionLayer):
@@ -129,6 +147,11 @@ class Engine:
                 torch._dynamo.mark_static_address(layer_cache.v)
             cache.append(layer_cache)
         return cache
+
+    def _fits(self, cache: list[KVCache | None], batch: int, length: int) -> bool:
+        k = next(c for c in cache if c is not None).k
+        model = self.model
+        return (k.shape[0], k.shape[2], k.dtype, k.device) == (batch, length, model.dtype, model.device)
 
     def eos_ids(self, config: GenerationConfig) -> tuple[int, ...]:
         """The ids that end a row: the option, else the model's end-of-text and end-of-turn ids."""

@@ -250,8 +250,22 @@ def test_half_precision_generates(lv: LlamaVision, dtype: torch.dtype) -> None:
 def test_compiled_decode_step_equals_eager(lv: LlamaVision) -> None:
     compiled = LlamaVision(model=lv.model, processor=lv.processor, compile=True)
     convs = [CHATS["one image"], CHATS["text only"]]
-    assert torch.equal(tokens(compiled, convs, 6), tokens(lv, convs, 6))
-    assert compiled.engine.new_cache(1, 5)[0].k.shape[2] == 128  # lengths rounded so graphs are reused
+    expected = tokens(lv, convs, 6)
+    assert torch.equal(tokens(compiled, convs, 6), expected)
+    # the next request reuses the cache (zeroed), so CUDA graphs would see the same buffers
+    engine = compiled.engine
+    spare = engine._spare_cache
+    assert spare is not None and torch.equal(tokens(compiled, convs, 6), expected)
+    assert engine._spare_cache is spare
+    # two requests in flight at once each get a cache of their own
+    config = GenerationConfig(max_new_tokens=6, eos_token_ids=NEVER)
+    other = [CHATS["system and image"], CHATS["image in an earlier turn"]]  # same shapes: no recompile
+    a = engine.tokens(lv.processor.chat_inputs(convs), config)
+    b = engine.tokens(lv.processor.chat_inputs(other), config)
+    got_a, got_b = zip(*((next(a), next(b)) for _ in range(6)))
+    assert torch.equal(torch.stack(got_a, dim=1), expected)
+    assert torch.equal(torch.stack(got_b, dim=1), tokens(lv, other, 6))
+    assert engine.new_cache(1, 5)[0].k.shape[2] == 128  # lengths rounded so graphs are reused
 
 
 def _byte_token(b: int) -> str:
