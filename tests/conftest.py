@@ -4,9 +4,11 @@ as on the Llama 3.2 Vision hub checkpoints (reserved 2..246 at 128011..128255, `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from reference import meta_tokenizer_path
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -16,9 +18,11 @@ LLAMA3_PATTERN = (
 
 @pytest.fixture(scope="session")
 def meta_tokenizer_model() -> Path:
-    """Path of Meta's Llama 3 tokenizer.model (base64 BPE ranks) from the llama-models package."""
-    llama3 = pytest.importorskip("llama_models.llama3")
-    return Path(llama3.__file__).parent / "tokenizer.model"
+    """Path of Meta's Llama 3 tokenizer.model (base64 BPE ranks) from the llama-models package, or the
+    copy the environment variable LLAMA_TOKENIZER_MODEL names."""
+    if not os.environ.get("LLAMA_TOKENIZER_MODEL"):
+        pytest.importorskip("llama_models.llama3")
+    return meta_tokenizer_path()
 
 
 @pytest.fixture(scope="session")

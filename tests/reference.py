@@ -145,6 +145,10 @@ def meta_tokenizer():  # -> llama_models.llama3.tokenizer.Tokenizer
 
 
 def meta_tokenizer_path() -> Path:
+    """Meta's tokenizer.model from llama-models, or the copy LLAMA_TOKENIZER_MODEL names (for machines
+    without llama-models, such as the GPU machine bench/gpu_check.sh runs on)."""
+    if os.environ.get("LLAMA_TOKENIZER_MODEL"):
+        return Path(os.environ["LLAMA_TOKENIZER_MODEL"])
     import llama_models.llama3
 
     return Path(llama_models.llama3.__file__).parent / "tokenizer.model"
