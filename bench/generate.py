@@ -8,7 +8,8 @@ same random checkpoint, with the same prompts and images.
 What is measured, per engine and batch size (median of --repeats runs, after one warm-up run):
 - TTFT: from the raw prompt strings and PIL images to the first generated token on the host, each engine
   running its own preprocessing (ours: `lv.processor`; HF: `MllamaProcessor` with the torchvision-backed
-  `MllamaImageProcessor`, the hub's settings).
+  `MllamaImageProcessor`, the hub's settings). "Of which vision tower": that engine's vision encoder alone
+  on its preprocessed inputs (timed after each run), the work both implementations share.
 - decode tokens/s: tokens after the first, per second; "per sequence" and "all" (per sequence x batch).
 - % of the bandwidth limit: decode tokens/s over what the measured memory bandwidth allows when every
   decode step reads its weights and caches once (`decode_bytes_per_step`).
@@ -60,7 +61,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import random_image, randomize_  # noqa: E402  the parity tests' random weights and images
+from reference import meta_tokenizer_path, random_image, randomize_  # noqa: E402  as the tests make them
 
 from llama_vision import (
     GenerationConfig,
@@ -224,17 +225,11 @@ def decode_bytes_per_step(
 
 
 # ---------------------------------------------------------------------------------- checkpoint, inputs
-def meta_tokenizer_model() -> Path:
-    import llama_models.llama3
-
-    return Path(llama_models.llama3.__file__).parent / "tokenizer.model"
-
-
 def write_checkpoint(config: LlamaVisionConfig, path: Path, seed: int) -> None:
     """A random float32 checkpoint in the hub layout, with Meta's tokenizer.model."""
     model = randomize_(LlamaVisionModel(config), seed)
     save_checkpoint(model, path)
-    shutil.copyfile(meta_tokenizer_model(), path / "tokenizer.model")
+    shutil.copyfile(meta_tokenizer_path(), path / "tokenizer.model")
     del model
     release_memory()
 
@@ -246,7 +241,7 @@ def random_model(
     with torch.device("meta"):
         model = LlamaVisionModel(config).to(dtype)
     model = randomize_(model.to_empty(device=device), seed).eval()
-    processor = Processor(Tokenizer.from_file(meta_tokenizer_model()), config)
+    processor = Processor(Tokenizer.from_file(meta_tokenizer_path()), config)
     return LlamaVision(model=model, processor=processor, compile=compile)
 
 
@@ -257,7 +252,7 @@ def write_hf_processor(config: LlamaVisionConfig, out: Path) -> None:
     from transformers import MllamaImageProcessor, MllamaProcessor, PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    tok = TikTokenConverter(vocab_file=str(meta_tokenizer_model()), pattern=PRETOKENIZE_REGEX).converted()
+    tok = TikTokenConverter(vocab_file=str(meta_tokenizer_path()), pattern=PRETOKENIZE_REGEX).converted()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -329,6 +324,22 @@ class Engine:
         """Generated ids (B, N) and the perf_counter time each step's tokens reached the host."""
         raise NotImplementedError
 
+    def vision_seconds(self, prompts: list[str], images: list[Image.Image]) -> float:
+        """Time of the vision tower alone (its share of TTFT) on this engine's preprocessed inputs."""
+        pixel_values, aspect_ratio_ids, aspect_ratio_mask = self._vision_inputs(prompts, images)
+        with torch.no_grad():
+            sync(self.device)
+            t0 = time.perf_counter()
+            self._vision_model()(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            sync(self.device)
+        return time.perf_counter() - t0
+
+    def _vision_inputs(self, prompts: list[str], images: list[Image.Image]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _vision_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
 
 class Ours(Engine):
     name = "llama_vision"
@@ -354,6 +365,13 @@ class Ours(Engine):
             tokens.append(step.cpu())
             times.append(time.perf_counter())
         return torch.stack(tokens, dim=1), times
+
+    def _vision_inputs(self, prompts: list[str], images: list[Image.Image]) -> list[torch.Tensor]:
+        inputs = self.lv.processor(text=prompts, images=[[im] for im in images])
+        return [inputs[k].to(self.device) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")]
+
+    def _vision_model(self) -> torch.nn.Module:
+        return self.lv.model.vision_model
 
 
 class HF(Engine):
@@ -407,11 +425,19 @@ class HF(Engine):
             )
         return out[:, inputs["input_ids"].shape[1] :].cpu(), times[1:]
 
+    def _vision_inputs(self, prompts: list[str], images: list[Image.Image]) -> list[torch.Tensor]:
+        inputs = self.processor(text=prompts, images=[[im] for im in images], return_tensors="pt")
+        return [inputs[k].to(self.device) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")]
+
+    def _vision_model(self) -> torch.nn.Module:
+        return self.model.model.vision_model
+
 
 # ------------------------------------------------------------------------------------------------ main
 @dataclass
 class Figures:
     ttft: float  # s
+    vision: float  # s, the vision tower alone
     per_seq: float  # decode tokens/s per row
     total: float  # decode tokens/s, all rows
     peak_mb: float
@@ -423,14 +449,16 @@ def measure(
 ) -> dict[str, Figures]:
     """One warm-up run per engine (full length when compiling, so the timed runs reuse the compiled
     step), then `args.repeats` timed runs, the engines taking turns so that whatever else the machine
-    does slows both alike; each figure is the median over the runs. Peak memory comes from one more run
-    per engine, sampled."""
+    does slows both alike, each followed by a timed run of its vision tower alone; each figure is the
+    median over the runs. Peak memory comes from one more run per engine, sampled."""
     for engine in engines:
         engine.generate(prompts, images, args.new_tokens if args.compile else min(4, args.new_tokens))
     runs: dict[str, list[Run]] = {e.name: [] for e in engines}
+    vision: dict[str, list[float]] = {e.name: [] for e in engines}
     for _ in range(args.repeats):
         for engine in engines:
             runs[engine.name].append(engine.generate(prompts, images, args.new_tokens))
+            vision[engine.name].append(engine.vision_seconds(prompts, images))
     peaks = {e.name: e.peak_memory_mb(prompts, images, args.new_tokens) for e in engines}
     results = {}
     for name, rs in runs.items():
@@ -440,6 +468,7 @@ def measure(
         per_seq = statistics.median((N - 1) / r.decode for r in rs)
         results[name] = Figures(
             ttft=statistics.median(r.ttft for r in rs),
+            vision=statistics.median(vision[name]),
             per_seq=per_seq,
             total=per_seq * B,
             peak_mb=peaks[name],
@@ -513,7 +542,7 @@ def bench_batch(B: int, ours: Ours, hf: HF | None, args: argparse.Namespace) -> 
         f"limit {limit:.1f} tokens/s"
     )
     rows = [
-        f"| {B} | {name} | {f.ttft:.3f} | {f.per_seq:.1f} | {f.total:.1f} | {100 * f.total / limit:.0f}% | "
+        f"| {B} | {name} | {f.ttft:.3f} | {f.vision:.3f} | {f.per_seq:.1f} | {f.total:.1f} | {100 * f.total / limit:.0f}% | "
         f"{f.peak_mb:.0f} |"
         for name, f in results.items()
     ]
@@ -524,7 +553,8 @@ def bench_batch(B: int, ours: Ours, hf: HF | None, args: argparse.Namespace) -> 
     if hf is not None:
         h = results[hf.name]
         rows.append(
-            f"| {B} | ours / HF | {ratio(o.ttft, h.ttft)} | {ratio(o.per_seq, h.per_seq)} | "
+            f"| {B} | ours / HF | {ratio(o.ttft, h.ttft)} | {ratio(o.vision, h.vision)} | "
+            f"{ratio(o.per_seq, h.per_seq)} | "
             f"{ratio(o.total, h.total)} | | {ratio(o.peak_mb, h.peak_mb)} |"
         )
         if B == 1:
@@ -613,10 +643,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print()
     print(
-        "| batch | engine | TTFT (s) | decode tok/s per sequence | decode tok/s all sequences "
-        "| % of bandwidth limit | peak memory (MB) |"
+        "| batch | engine | TTFT (s) | of which vision tower (s) | decode tok/s per sequence "
+        "| decode tok/s all sequences | % of bandwidth limit | peak memory (MB) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if load_s:
         names = list(load_s)
