@@ -5,10 +5,15 @@ as on the Llama 3.2 Vision hub checkpoints (reserved 2..246 at 128011..128255, `
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from reference import meta_tokenizer_path
+from reference import meta_tokenizer_path, randomize_
+
+from llama_vision import LlamaVisionModel, save_checkpoint
+from llama_vision.config import PRESETS
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -53,3 +58,22 @@ def hf_tokenizer_json(meta_tokenizer_model: Path, tmp_path_factory: pytest.TempP
     path = tmp_path_factory.mktemp("hf_tokenizer") / "tokenizer.json"
     tokenizer.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(
+    hf_tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[int], Path]:
+    """`tiny_checkpoint(seed)`: a folder with the `tiny` preset's seeded random weights (hub layout) and the
+    tokenizer.json, written once per seed and shared: a test that changes it works on a copy."""
+    written: dict[int, Path] = {}
+
+    def checkpoint(seed: int) -> Path:
+        if seed not in written:
+            path = tmp_path_factory.mktemp(f"tiny_seed{seed}")
+            save_checkpoint(randomize_(LlamaVisionModel(PRESETS["tiny"]), seed=seed), path)
+            shutil.copy(hf_tokenizer_json, path / "tokenizer.json")
+            written[seed] = path
+        return written[seed]
+
+    return checkpoint

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from reference import random_image, randomize_
+from reference import random_image
 
-from llama_vision import LlamaVision, LlamaVisionModel, save_checkpoint
+from llama_vision import LlamaVision
 from llama_vision.config import PRESETS
 
 CONFIG = PRESETS["tiny"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(hf_tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(randomize_(LlamaVisionModel(CONFIG), seed=7), path)
-    shutil.copy(hf_tokenizer_json, path / "tokenizer.json")
-    return path
+def checkpoint(tiny_checkpoint: Callable[[int], Path]) -> Path:
+    return tiny_checkpoint(7)
 
 
 def test_from_pretrained_and_logits(checkpoint: Path) -> None:

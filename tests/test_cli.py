@@ -7,25 +7,22 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from reference import random_image, randomize_
+from reference import random_image
 
-from llama_vision import LlamaVision, LlamaVisionModel, save_checkpoint
+from llama_vision import LlamaVision
 from llama_vision.cli import main
-from llama_vision.config import PRESETS
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(hf_tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(randomize_(LlamaVisionModel(PRESETS["tiny"]), seed=7), path)
-    shutil.copy(hf_tokenizer_json, path / "tokenizer.json")
-    return path
+def checkpoint(tiny_checkpoint: Callable[[int], Path]) -> Path:
+    return tiny_checkpoint(7)
 
 
 @pytest.fixture(scope="module")

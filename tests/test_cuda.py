@@ -5,19 +5,17 @@ Skipped without a GPU (CI has none); `bash bench/gpu_check.sh` runs them on a le
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from reference import random_image, randomize_
+from reference import random_image
 
-from llama_vision import GenerationConfig, LlamaVision, LlamaVisionModel, save_checkpoint
-from llama_vision.config import PRESETS
+from llama_vision import GenerationConfig, LlamaVision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CONFIG = PRESETS["tiny"]
 NEVER = (-7,)  # an end-of-turn id no model can produce: rows run to max_new_tokens
 
 
@@ -35,11 +33,8 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(hf_tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cuda")
-    save_checkpoint(randomize_(LlamaVisionModel(CONFIG), seed=11), path)
-    shutil.copy(hf_tokenizer_json, path / "tokenizer.json")
-    return path
+def checkpoint(tiny_checkpoint: Callable[[int], Path]) -> Path:
+    return tiny_checkpoint(11)
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,14 @@ a batch equals its rows alone, streaming equals the whole answer, and stopping, 
 from __future__ import annotations
 
 import dataclasses
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from reference import random_image, randomize_
+from reference import random_image
 
-from llama_vision import GenerationConfig, LlamaVision, LlamaVisionModel, save_checkpoint
+from llama_vision import GenerationConfig, LlamaVision, LlamaVisionModel
 from llama_vision.config import PRESETS
 from llama_vision.generation import FINISHED, Engine, TextStream, answer_text
 
@@ -20,11 +20,8 @@ NEVER = (-7,)  # an end-of-turn id no model can produce: rows run to max_new_tok
 
 
 @pytest.fixture(scope="module")
-def lv(hf_tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> LlamaVision:
-    path = tmp_path_factory.mktemp("generation")
-    save_checkpoint(randomize_(LlamaVisionModel(CONFIG), seed=11), path)
-    shutil.copy(hf_tokenizer_json, path / "tokenizer.json")
-    return LlamaVision.from_pretrained(path, dtype=torch.float32)
+def lv(tiny_checkpoint: Callable[[int], Path]) -> LlamaVision:
+    return LlamaVision.from_pretrained(tiny_checkpoint(11), dtype=torch.float32)
 
 
 def user(text: str, *images) -> dict:
