@@ -1,14 +1,17 @@
 """The public entry point: `LlamaVision.from_pretrained(path)` gives the model, its tokenizer, its
-processor and a generation engine, for either checkpoint layout (Hugging Face or Meta).
+processor and a serving engine, for either checkpoint layout (Hugging Face or Meta).
 
     lv = LlamaVision.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
     messages = [{"role": "user", "content": [{"type": "image", "image": "photo.jpg"},
                                              {"type": "text", "text": "What is in this picture?"}]}]
     lv.chat(messages, max_new_tokens=128)               # -> str
     for piece in lv.stream(messages): print(piece, end="")
-    lv.generate([messages, other_messages])             # -> list[str], one batch
+    lv.generate([messages, other_messages])             # -> list[str], decoded together
+    answer = lv.submit(messages, logprobs=5)            # -> Answer: pieces, finish reason, usage
     logits = lv.model(**lv.processor(text=prompt, images=[image]))  # (B, T, vocab)
 
+Every call is a request of one engine (engine.py): calls from many threads at once share its decode
+steps (continuous batching), and a follow-up turn about the same images reuses the earlier turn's work.
 Generation options are the fields of `GenerationConfig`; those not given come from the checkpoint's
 generation_config.json (`lv.generation_config`).
 """
@@ -23,7 +26,9 @@ from typing import Any
 import torch
 
 from llama_vision.config import LlamaVisionConfig
-from llama_vision.generation import Engine, TextStream, answer_text, stream_rows
+from llama_vision.cpu_linear import use_blocked_linears
+from llama_vision.engine import Engine, LogitsProcessor
+from llama_vision.generation import Answer
 from llama_vision.model import LlamaVisionModel
 from llama_vision.processor import Processor
 from llama_vision.sampling import GenerationConfig
@@ -33,14 +38,19 @@ from llama_vision.weights import load_checkpoint, read_config
 
 @dataclass
 class LlamaVision:
+    """The model with its processor and engine. `engine_options` go to `Engine` (max_batch, max_length,
+    max_images, max_cache_tokens, max_queue, queue_timeout, prefix_cache_bytes)."""
+
     model: LlamaVisionModel
     processor: Processor
     generation_config: GenerationConfig = field(default_factory=GenerationConfig)
     compile: bool = False
+    engine_options: dict[str, Any] = field(default_factory=dict)
     engine: Engine = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.engine = Engine(self.model, compile=self.compile)
+        stop_ids = sorted({*self.model.config.text.eos_token_id, *self.tokenizer.stop_ids})
+        self.engine = Engine(self.model, stop_ids=stop_ids, compile=self.compile, **self.engine_options)
 
     @classmethod
     def from_pretrained(
@@ -51,30 +61,51 @@ class LlamaVision:
         dtype: torch.dtype | None = None,
         progress: bool = False,
         compile: bool = False,
+        **engine_options: Any,
     ) -> LlamaVision:
         """Load a checkpoint directory. `dtype` None keeps the stored dtype; `compile` compiles the decode
-        step with torch.compile (the first answer then takes longer)."""
+        step with torch.compile (each new batch and length bucket compiles once, the first answers take
+        longer). On the CPU the linear layers get the blocked few-row path (cpu_linear.py)."""
         processor = Processor.from_dir(path, read_config(path))  # a missing tokenizer fails before loading
         generation_config = GenerationConfig.from_dir(path)
         model = load_checkpoint(path, device=device, dtype=dtype, progress=progress).eval()
-        return cls(model=model, processor=processor, generation_config=generation_config, compile=compile)
+        if model.device.type == "cpu":
+            use_blocked_linears(model)
+        return cls(model, processor, generation_config, compile, engine_options)
+
+    def submit(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        max_num_tiles: int | None = None,
+        logprobs: int | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        **options: Any,
+    ) -> Answer:
+        """Start answering one conversation; iterate the `Answer` for its pieces. Options, messages and
+        images are checked here. `logprobs` records each token's log-probability and that many of the
+        most probable tokens; `logits_processor(tokens, logits)` may change the logits (V,) before each
+        choice (constrained decoding)."""
+        config = self.generation_config.replace(**options)
+        inputs = self.processor.chat_inputs([messages], max_num_tiles=max_num_tiles)
+        request = self.engine.add_request(
+            inputs, config, logprobs=logprobs, logits_processor=logits_processor
+        )
+        return Answer(request, self.tokenizer, config.stop)
 
     def chat(
         self, messages: Sequence[dict[str, Any]], *, max_num_tiles: int | None = None, **options: Any
     ) -> str:
         """The assistant's answer to one conversation (chat messages, images inside them)."""
-        return self.generate([messages], max_num_tiles=max_num_tiles, **options)[0]
+        return self.submit(messages, max_num_tiles=max_num_tiles, **options).result()
 
     def stream(
         self, messages: Sequence[dict[str, Any]], *, max_num_tiles: int | None = None, **options: Any
     ) -> Iterator[str]:
-        """The answer as it is generated, in pieces of whole characters; stops early when closed.
+        """The answer as it is generated, in pieces of whole characters; closing it cancels the request.
 
         Options, messages and images are checked here, before the first piece is asked for."""
-        config = self.generation_config.replace(**options)
-        inputs = self.processor.chat_inputs([messages], max_num_tiles=max_num_tiles)
-        rows = stream_rows(self.engine, self._streams(config, 1), inputs, config)
-        return (piece for (piece,) in rows if piece)
+        return iter(self.submit(messages, max_num_tiles=max_num_tiles, **options))
 
     def generate(
         self,
@@ -83,8 +114,7 @@ class LlamaVision:
         max_num_tiles: int | None = None,
         **options: Any,
     ) -> list[str]:
-        """Answers to several conversations, run as one left-padded batch; each row stops on its own."""
-        config = self.generation_config.replace(**options)
+        """Answers to several conversations, decoded together; each ends on its own."""
         if isinstance(conversations, (str, dict)) or not conversations:
             raise ValueError("generate takes a non-empty list of conversations (each a list of messages)")
         if isinstance(conversations[0], dict):
@@ -92,14 +122,8 @@ class LlamaVision:
                 "generate takes a list of conversations, got a list of messages: "
                 "use chat() for one conversation, or wrap it in a list"
             )
-        inputs = self.processor.chat_inputs(conversations, max_num_tiles=max_num_tiles)
-        streams = self._streams(config, len(conversations))
-        for _ in stream_rows(self.engine, streams, inputs, config):
-            pass
-        return [answer_text(self.tokenizer, s.ids, config.stop) for s in streams]
-
-    def _streams(self, config: GenerationConfig, n: int) -> list[TextStream]:
-        return [TextStream(self.tokenizer, config.stop, self.engine.eos_ids(config)) for _ in range(n)]
+        answers = [self.submit(c, max_num_tiles=max_num_tiles, **options) for c in conversations]
+        return [answer.result() for answer in answers]
 
     @property
     def config(self) -> LlamaVisionConfig:

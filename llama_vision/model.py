@@ -17,7 +17,6 @@ and the model is exactly the text-only Llama.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,27 +24,11 @@ from torch import nn
 from llama_vision.adapters.cross_attention import CrossAttentionLayer
 from llama_vision.adapters.masks import image_attention_mask
 from llama_vision.adapters.projector import Projector
+from llama_vision.cache import Cache, ImageContext, ImageKV, KVCache
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.encoders.vision import VisionEncoder
 from llama_vision.layers import RMSNorm, rope_cos_sin, rope_inv_freq
-from llama_vision.text import DecoderLayer, KVCache, self_attention_mask
-
-ImageKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: k, v (B, Hkv, S, Dh)
-
-
-@dataclass
-class ImageContext:
-    """What the cross-attention layers need, computed once per request: image keys/values of every
-    cross-attention layer, the boolean (B, 1, T, S) mask of which image tokens each text row may see,
-    and the (B, 1, T, 1) row mask that zeroes rows seeing no image."""
-
-    kv: ImageKV
-    mask: torch.Tensor
-    row_mask: torch.Tensor
-
-    def last_row(self) -> ImageContext:
-        """The context of a token appended after the last one: it sees what the last token saw."""
-        return ImageContext(self.kv, self.mask[:, :, -1:], self.row_mask[:, :, -1:])
+from llama_vision.text import DecoderLayer, self_attention_mask
 
 
 class TextStack(nn.Module):
@@ -70,10 +53,55 @@ class TextStack(nn.Module):
 
 
 class TextDecoder(nn.Module):
+    """The Llama 3 decoder with its cross-attention adapters, and the output layer. Text-only models and
+    fine-tuning losses use it directly: `forward` gives hidden states, `logits` applies the head to the
+    positions that need it."""
+
     def __init__(self, config: LlamaVisionConfig) -> None:
         super().__init__()
+        self.config = config.text
         self.model = TextStack(config)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        images: ImageContext | None = None,
+        cache: Sequence[KVCache | None] | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D) of tokens (B, T) at RoPE `positions` (B, T).
+
+        `mask` is the boolean self-attention mask (None: causal). With `cache` (one entry per layer, None
+        for cross-attention layers) keys and values are written at `slots` and `mask` spans the cache.
+        Without `images` the cross-attention layers are skipped: the model is the text-only Llama.
+        """
+        text = self.model
+        h = text.embed_tokens(input_ids)  # B T D
+        cos, sin = self.rope(positions)
+        cross_index = 0
+        for i, layer in enumerate(text.layers):
+            if isinstance(layer, CrossAttentionLayer):
+                if images is not None:
+                    h = layer(h, images.kv[cross_index], images.mask, images.row_mask)
+                cross_index += 1
+            else:
+                h = layer(h, cos, sin, mask, None if cache is None else cache[i], slots)
+        return text.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits (..., vocab) of hidden states (..., D)."""
+        return self.lm_head(h).float()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos and sin (B, 1, T, Dh), float32, for positions (B, T)."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:  # once, not every step
+            t = self.config
+            self._inv_freq = rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling).to(positions.device)
+        return rope_cos_sin(positions, self._inv_freq)
 
 
 class LlamaVisionModel(nn.Module):
@@ -83,7 +111,6 @@ class LlamaVisionModel(nn.Module):
         self.vision_model = VisionEncoder(config.vision)
         self.multi_modal_projector = Projector(config.vision.vision_output_dim, config.text.hidden_size)
         self.language_model = TextDecoder(config)
-        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the device
 
     def forward(
         self,
@@ -97,37 +124,67 @@ class LlamaVisionModel(nn.Module):
         """Logits (B, T, vocab) in float32 for token ids (B, T); image inputs as the processor makes them."""
         images = self.prepare_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
         mask = self_attention_mask(attention_mask, input_ids.shape[1])
-        return self.decode(input_ids, token_positions(input_ids, attention_mask), mask, images)
+        positions = token_positions(input_ids, attention_mask)
+        return self.language_model.logits(self.language_model(input_ids, positions, mask, images))
 
-    def decode(
+    # Generation: the engine asks for a cache, prefills one request into a row, then steps every row.
+
+    def new_cache(self, batch: int, length: int, image_tokens: int) -> Cache:
+        """A zeroed cache of `batch` rows of `length` tokens, with room for `image_tokens` image tokens
+        (images x tiles x patches) per row. Sized from each layer's own head counts (a tensor-parallel
+        layer holds its local heads)."""
+        layers: list[KVCache | None] = []
+        image_kv = []
+        dtype, device = self.dtype, self.device
+        for layer in self.language_model.model.layers:
+            if isinstance(layer, CrossAttentionLayer):
+                attn = layer.cross_attn
+                if image_tokens:
+                    image_kv.append(
+                        KVCache.empty(batch, attn.n_kv_heads, image_tokens, attn.head_dim, dtype, device)
+                    )
+                layers.append(None)
+            else:
+                attn = layer.self_attn
+                layers.append(KVCache.empty(batch, attn.n_kv_heads, length, attn.head_dim, dtype, device))
+        return Cache(layers, [(c.k, c.v) for c in image_kv], dtype)
+
+    def prefill(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor | None,
-        images: ImageContext | None,
-        cache: Sequence[KVCache | None] | None = None,
-        slots: torch.Tensor | None = None,
-        last_only: bool = False,
+        cache: Cache,
+        row: int,
+        start: int = 0,
+        images: ImageContext | None = None,
     ) -> torch.Tensor:
-        """The text decoder over tokens (B, T) at RoPE `positions` (B, T), float32 logits (B, T or 1, vocab).
+        """Run one request's prompt tokens (1, T) into cache `row` at slots start..start+T-1 (slots before
+        `start` hold a reused prefix) and give the float32 logits (1, vocab) of the last one. `images` is
+        the request's context for the whole prompt (rows 0..start+T-1); its last row is what the
+        request's new tokens will see."""
+        T, device = input_ids.shape[1], input_ids.device
+        slots = torch.arange(start, start + T, device=device)
+        mask = None  # an empty row: the prompt attends to itself, causally
+        if start:  # a continued prefix: attend over the row's cache up to each own slot
+            mask = (torch.arange(start + T, device=device)[None, :] <= slots[:, None])[None, None]
+        context = None if images is None else images.rows(start, start + T)
+        h = self.language_model(input_ids, slots[None], mask, context, cache.row(row, start + T), slots)
+        cache.set_images(row, images)
+        return self.language_model.logits(h[:, -1])
 
-        `mask` is the boolean self-attention mask (None: causal). With `cache` (one entry per layer, None
-        for cross-attention layers) keys and values are written at `slots` (T,) and `mask` spans the cache.
-        """
-        text = self.language_model.model
-        h = text.embed_tokens(input_ids)  # B T D
-        cos, sin = self.rope(positions)
-        cross_index = 0
-        for i, layer in enumerate(text.layers):
-            if isinstance(layer, CrossAttentionLayer):
-                if images is not None:  # text-only inputs skip the adapters entirely
-                    h = layer(h, images.kv[cross_index], images.mask, images.row_mask)
-                cross_index += 1
-            else:
-                h = layer(h, cos, sin, mask, None if cache is None else cache[i], slots)
-        if last_only:
-            h = h[:, -1:]
-        return self.language_model.lm_head(text.norm(h)).float()
+    def decode_step(
+        self, tokens: torch.Tensor, slots: torch.Tensor, cache: Cache, length: int, image_tokens: int
+    ) -> torch.Tensor:
+        """One token per row for the first n rows (tokens (n,), each written at its row's slot (n,)),
+        attending over the first `length` slots and `image_tokens` image tokens (0: no row has images, the
+        adapters are skipped). Returns float32 logits (n, vocab). Shapes depend only on n, `length` and
+        `image_tokens`, so the step compiles once per such triple."""
+        n = tokens.shape[0]
+        layers, images = cache.view(n, length, image_tokens)
+        mask = (torch.arange(length, device=tokens.device)[None, :] <= slots[:, None])[
+            :, None, None
+        ]  # n 1 1 L
+        h = self.language_model(tokens[:, None], slots[:, None], mask, images, layers, slots)
+        return self.language_model.logits(h[:, 0])
 
     def prepare_images(
         self,
@@ -142,10 +199,11 @@ class LlamaVisionModel(nn.Module):
         if cross_attention_mask is None:
             raise ValueError("pixel_values given without cross_attention_mask")
         kv = self.image_kv(self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
-        mask, row_mask = image_attention_mask(
-            cross_attention_mask, self.config.vision.num_patches, self.dtype
-        )
-        return ImageContext(kv, mask, row_mask)
+        return ImageContext(kv, *self.image_masks(cross_attention_mask))
+
+    def image_masks(self, cross_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, 1, T, S) attention mask and (B, 1, T, 1) row mask of the processor's tile mask."""
+        return image_attention_mask(cross_attention_mask, self.config.vision.num_patches, self.dtype)
 
     def encode_images(
         self,
@@ -166,20 +224,13 @@ class LlamaVisionModel(nn.Module):
             if isinstance(layer, CrossAttentionLayer)
         ]
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos and sin (B, 1, T, Dh), float32, for positions (B, T)."""
-        if self._inv_freq is None or self._inv_freq.device != positions.device:  # once, not every step
-            t = self.config.text
-            self._inv_freq = rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling).to(positions.device)
-        return rope_cos_sin(positions, self._inv_freq)
-
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+        return self.language_model.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.language_model.model.embed_tokens.weight.device
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -107,7 +107,9 @@ def select(
         logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
     if config.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / config.temperature
+    # Shift the best logit to 0 before dividing: any temperature, however small, then gives finite
+    # values (the best stays 0, the others go to -inf at worst), never inf - inf.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_k:
         kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)

@@ -6,11 +6,12 @@ Attention runs through `scaled_dot_product_attention`. Under a mask, the query h
 key/value head are folded into the query axis (`grouped_attention`), so keys and values are never copied
 H/Hkv times; without one (a prompt alone) the fused causal kernel runs on keys repeated per head.
 
-With a `KVCache` (generation), the new keys and values are written into its preallocated buffers at
-`slots`. What the queries attend to is what the mask spans: a (B, 1, T, L) mask over the whole cache
-(decoding; it hides slots that are empty, padding or in the future), or a (B, 1, T, T) mask or None over
-the new keys alone (the prompt, written into an empty cache: no T x L mask, and the causal kernel when
-nothing is padded). Decoding shapes never change, so the decode step can be compiled and graph-captured.
+With a `KVCache` (generation, cache.py), the new keys and values are written into its preallocated
+buffers at `slots`. What the queries attend to is what the mask spans: a (B, 1, T, L) mask over the
+whole cache view (decoding, or a prompt that continues a reused prefix; it hides slots that are empty or
+in the future), or None over the new keys alone (a prompt written into an empty row: the causal kernel).
+Decoding shapes depend only on the rows and slots the step spans, so the step can be compiled and
+graph-captured.
 """
 
 from __future__ import annotations
@@ -19,33 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_vision.cache import KVCache
 from llama_vision.layers import MLP, RMSNorm, apply_rope, grouped_attention
-
-
-class KVCache(nn.Module):
-    """Preallocated keys and values (B, Hkv, L, Dh) of one self-attention layer; never saved."""
-
-    def __init__(
-        self,
-        batch: int,
-        n_kv_heads: int,
-        length: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        super().__init__()
-        shape = (batch, n_kv_heads, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(
-        self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, Dh) at cache slots (T,); return the whole buffers."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        return self.k, self.v
 
 
 class SelfAttention(nn.Module):
@@ -116,12 +92,3 @@ def self_attention_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Te
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     keep = causal & attention_mask.bool()[:, None, None, :]
     return keep | torch.eye(T, dtype=torch.bool, device=device)
-
-
-def cache_attention_mask(valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, 1, T, L) mask for queries written at cache `slots` (T,): a query sees the non-padding
-    slots (`valid`, (B, L)) up to and including its own, and always itself, so a padding query attends to
-    something (no NaN, which would reach real rows through the cached values)."""
-    index = torch.arange(valid.shape[1], device=valid.device)[None, :]  # 1 L
-    causal, own = index <= slots[:, None], index == slots[:, None]  # T L
-    return ((causal[None] & valid[:, None, :]) | own[None])[:, None]

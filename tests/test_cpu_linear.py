@@ -1,4 +1,5 @@
-"""The blocked small-batch linear path: same results and state as nn.Linear, used only where it helps."""
+"""The blocked small-batch linear path: same results and state as nn.Linear, used only where it helps,
+and a transform that leaves the layers plain `nn.Linear` for the transforms after it."""
 
 from __future__ import annotations
 
@@ -7,19 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_vision.cpu_linear import MAX_ROWS, BlockedLinear, use_blocked_linears
+from llama_vision.cpu_linear import MAX_ROWS, restore_linears, use_blocked_linears
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, MAX_ROWS])
 @pytest.mark.parametrize(("out_features", "bias"), [(768, False), (384, True), (192, False)])
-def test_equals_f_linear(rows: int, out_features: int, bias: bool) -> None:
+def test_equals_f_linear(rows: int, out_features: int, bias: bool, monkeypatch) -> None:
     torch.manual_seed(rows)
     layer = nn.Linear(96, out_features, bias=bias)
     x = torch.randn(rows, 1, 96)
     expected = F.linear(x, layer.weight, layer.bias)
     use_blocked_linears(layer)
-    assert type(layer) is BlockedLinear
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
     got = layer(x)
+    assert calls == [1]  # the blocked path ran
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -36,6 +40,9 @@ def test_takes_the_blocked_path_only_where_it_helps(monkeypatch) -> None:
     odd = use_blocked_linears(nn.Linear(32, 100))  # no block size divides 100
     odd(torch.randn(1, 32))
     assert calls == [1]
+    restore_linears(layer.float())
+    layer(torch.randn(1, 32))
+    assert calls == [1] and "forward" not in layer.__dict__
 
 
 def test_state_and_type_are_unchanged() -> None:
@@ -44,4 +51,28 @@ def test_state_and_type_are_unchanged() -> None:
     use_blocked_linears(model)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    assert all(isinstance(m, nn.Linear) for m in (model[0], model[2]))  # LoRA/PEFT still see nn.Linear
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))  # LoRA/PEFT/quantizers see nn.Linear
+
+
+def test_later_transforms_still_see_every_layer() -> None:
+    """A quantizer that keys on the exact type (torch.ao's dynamic quantization) quantizes every layer."""
+    model = use_blocked_linears(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 128)))
+    x = torch.randn(2, 16)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert [type(m).__name__ for m in quantized if not isinstance(m, nn.ReLU)] == ["Linear", "Linear"]
+    assert all(type(m) is not nn.Linear for m in quantized if not isinstance(m, nn.ReLU))
+    torch.testing.assert_close(quantized(x), model(x), rtol=0.1, atol=0.1)
+
+
+def test_skips_weights_that_are_not_plain_tensors() -> None:
+    class Wrapped(torch.Tensor):  # stands for a quantized or distributed weight (a tensor subclass)
+        pass
+
+    layer = nn.Linear(16, 64)
+    layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Wrapped))
+    use_blocked_linears(layer)
+    assert "forward" not in layer.__dict__
+    plain = use_blocked_linears(nn.Linear(16, 64))
+    plain.weight = nn.Parameter(plain.weight.detach().as_subclass(Wrapped))  # replaced afterwards
+    x = torch.randn(1, 16)
+    torch.testing.assert_close(plain(x), F.linear(x, plain.weight, plain.bias))
