@@ -75,6 +75,8 @@ from llama_vision import (
     save_checkpoint,
 )
 from llama_vision.config import IMAGE_TOKEN_ID
+from llama_vision.cpu_linear import use_blocked_linears
+from llama_vision.engine import Engine as OurEngine
 from llama_vision.tokenizer import PRETOKENIZE_REGEX, SPECIAL_TOKENS, Tokenizer
 
 HF_PROCESSOR = "hf_processor"  # checkpoint subfolder with HF's processor files (our side never reads it)
@@ -243,6 +245,8 @@ def random_model(
         model = LlamaVisionModel(config).to(dtype)
     model = randomize_(model.to_empty(device=device), seed).eval()
     processor = Processor(Tokenizer.from_file(meta_tokenizer_path()), config)
+    if device.type == "cpu":
+        use_blocked_linears(model)
     return LlamaVision(model=model, processor=processor, compile=compile)
 
 
@@ -362,11 +366,29 @@ class Ours(Engine):
     ) -> tuple[torch.Tensor, list[float]]:
         config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=())
         inputs = self.lv.processor(text=prompts, images=[[im] for im in images])
+        self._size_engine(len(prompts), inputs["input_ids"].shape[1] + new_tokens)
         tokens, times = [], []
         for step in self.lv.engine.tokens(inputs, config):
             tokens.append(step.cpu())
             times.append(time.perf_counter())
         return torch.stack(tokens, dim=1), times
+
+    def _size_engine(self, batch: int, length: int) -> None:
+        """An engine for exactly this batch: `batch` rows of `length` tokens, one image each, and no
+        prefix store (the timed runs repeat the same prompts, which it would serve from memory)."""
+        shape = (batch, length)
+        if getattr(self, "_shape", None) != shape:
+            self.lv.engine.close()
+            self.lv.engine = OurEngine(
+                self.lv.model,
+                stop_ids=(),
+                compile=self.compile,
+                max_batch=batch,
+                max_length=length,
+                max_images=1,
+                prefix_cache_bytes=0,
+            )
+            self._shape = shape
 
     def _vision_inputs(self, prompts: list[str], images: list[Image.Image]) -> list[torch.Tensor]:
         inputs = self.lv.processor(text=prompts, images=[[im] for im in images])

@@ -122,8 +122,14 @@ class LlamaVision:
                 "generate takes a list of conversations, got a list of messages: "
                 "use chat() for one conversation, or wrap it in a list"
             )
-        answers = [self.submit(c, max_num_tiles=max_num_tiles, **options) for c in conversations]
-        return [answer.result() for answer in answers]
+        answers: list[Answer] = []
+        try:
+            for conversation in conversations:
+                answers.append(self.submit(conversation, max_num_tiles=max_num_tiles, **options))
+            return [answer.result() for answer in answers]
+        finally:  # a bad conversation, or an interrupt, ends the ones already running
+            for answer in answers:
+                answer.cancel()
 
     @property
     def config(self) -> LlamaVisionConfig:

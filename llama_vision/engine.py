@@ -27,11 +27,13 @@ per-row cache lengths and gpt-fast's fixed-shape compiled step, with Meta's sema
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -209,7 +211,9 @@ class Engine:
     """Serves generation requests on `model`; see the module docstring.
 
     `stop_ids` end a request unless its config names its own `eos_token_ids` (default: the checkpoint's
-    `eos_token_id`). `compile` is True (inductor; CUDA graphs on a GPU) or a torch.compile backend.
+    `eos_token_id`). Each step admits waiting requests until their prompt and image tokens pass
+    `prefill_tokens_per_step` (at least one), so running rows keep decoding between long prefills.
+    `compile` is True (inductor; CUDA graphs on a GPU) or a torch.compile backend.
     `max_length` caps prompt + answer per request (default: the model's context, at most
     4,096); `max_images` is the image pool per row; `max_cache_tokens` the budget of reserved tokens
     (prompt + max_new_tokens) over all running requests (default max_batch x max_length)."""
@@ -227,6 +231,7 @@ class Engine:
         max_queue: int = 1024,
         queue_timeout: float | None = None,
         prefix_cache_bytes: int = 1 << 30,
+        prefill_tokens_per_step: int = 1024,
         background: bool = True,
     ) -> None:
         context = model.config.text.max_position_embeddings
@@ -248,16 +253,26 @@ class Engine:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.background = background
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         v = model.config.vision
         self.image_tokens_per_image = v.max_num_tiles * v.num_patches
         self.prefixes = PrefixStore(prefix_cache_bytes)
         self.compilations = 0  # distinct step shapes met while compiled (each compiles once)
+        # Totals since start, for metrics: seconds in prefills and decode steps, tokens they produced.
+        self.totals = {
+            "prefill_s": 0.0,
+            "prefills": 0,
+            "decode_s": 0.0,
+            "decode_steps": 0,
+            "decode_tokens": 0,
+        }
         self._cache: Cache | None = None
         self._rows: list[Request | None] = [None] * max_batch
         self._waiting: deque[Request] = deque()
         self._reserved = 0
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self._shapes: set[tuple[int, int, int]] = set()
         self._graphs = compile is True and model.device.type == "cuda"
         self._step = model.decode_step
@@ -305,6 +320,8 @@ class Engine:
                 f"{self.max_cache_tokens} (max_cache_tokens)"
             )
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(
                     f"{len(self._waiting)} requests are waiting already (max_queue); try again later"
@@ -313,6 +330,7 @@ class Engine:
             if self.background and self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="llama-vision-engine", daemon=True)
                 self._thread.start()
+                _running.add(self)
             self._lock.notify()
         return request
 
@@ -334,14 +352,16 @@ class Engine:
             for r in requests:
                 r.cancel()
 
-    def stats(self) -> dict[str, int]:
-        """Running rows, waiting requests, reserved cache tokens, prefix store bytes: for metrics."""
+    def stats(self) -> dict[str, float]:
+        """For metrics: running rows, waiting requests, reserved cache tokens, prefix store bytes, and the
+        totals since start (seconds and counts of prefills and decode steps, decoded tokens)."""
         with self._lock:
             return {
                 "running": sum(r is not None for r in self._rows),
                 "waiting": len(self._waiting),
                 "reserved_tokens": self._reserved,
                 "prefix_cache_bytes": self.prefixes.nbytes,
+                **self.totals,
             }
 
     # ---------------------------------------------------------------- the loop
@@ -357,11 +377,27 @@ class Engine:
         with self._lock:
             return bool(self._waiting) or any(r is not None for r in self._rows)
 
+    def close(self) -> None:
+        """Cancel everything and stop the background loop (at exit too, so no thread dies inside torch)."""
+        with self._lock:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._lock.notify()
+        for r in waiting:
+            r._finish("cancelled")
+        for r in self._rows:
+            if r is not None:
+                r.cancel()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._waiting and not any(r is not None for r in self._rows):
+                while not self._closed and not self._waiting and not any(r is not None for r in self._rows):
                     self._lock.wait()
+                if self._closed and not any(r is not None for r in self._rows):
+                    return
             try:
                 self.step()
             except BaseException as error:  # a failed step fails what runs, never the loop
@@ -394,7 +430,8 @@ class Engine:
                 self._free(i)
 
     def _admit(self) -> None:
-        while True:
+        budget = self.prefill_tokens_per_step
+        while budget > 0:
             with self._lock:
                 free = next((i for i, r in enumerate(self._rows) if r is None), None)
                 if free is None or not self._waiting:
@@ -406,8 +443,12 @@ class Engine:
                 self._waiting.popleft()
                 self._rows[free] = request
                 self._reserved += need
+            budget -= request.prompt_tokens + request.image_tokens
+            start = time.perf_counter()
             try:
                 self._prefill(request, free)
+                self.totals["prefill_s"] += time.perf_counter() - start
+                self.totals["prefills"] += 1
             except Exception as error:  # a request that fails alone (bad images, ...) fails alone
                 request._fail(error)
                 self._free(free, keep=False)
@@ -468,10 +509,14 @@ class Engine:
             self.compilations += 1
         if self._graphs:  # the graphs may now reuse the last step's output buffers
             torch.compiler.cudagraph_mark_step_begin()
+        start = time.perf_counter()
         logits = self._step(tokens.to(device), slots.to(device), cache, length, image_tokens)
         for _, r in running:
             r.length += 1
         self._choose([r for _, r in running], logits[[i for i, _ in running]])
+        self.totals["decode_s"] += time.perf_counter() - start
+        self.totals["decode_steps"] += 1
+        self.totals["decode_tokens"] += len(running)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> None:
         """Pick each request's next token from its logits row (len(requests), V); emit it; end rows."""
@@ -585,6 +630,15 @@ class Engine:
         )
         images.digest = _digest(images)
         return prompt, images
+
+
+_running: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose loop thread runs
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_running):
+        engine.close()
 
 
 def cache_tokens(request: Request) -> int:

@@ -15,6 +15,34 @@ from reference import meta_tokenizer_path, randomize_
 from llama_vision import LlamaVisionModel, save_checkpoint
 from llama_vision.config import PRESETS
 
+REFERENCE_LIBRARIES = ("transformers", "llama_models", "fairscale", "peft")
+
+
+def _missing_reference(report: pytest.TestReport | pytest.CollectReport) -> bool:
+    """A skip because a reference library could not be imported (pytest.importorskip)."""
+    if not report.skipped:
+        return False
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    return "could not import" in reason and any(f"'{lib}" in reason for lib in REFERENCE_LIBRARIES)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI a missing reference library fails the test instead of skipping it."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and _missing_reference(report):
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and _missing_reference(report):
+        report.outcome = "failed"
+
+
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
