@@ -597,7 +597,9 @@ def bench_batch(B: int, ours: Ours, hf: HF | None, args: argparse.Namespace) -> 
             checks.append(check("batch 1 decode >= 1.2x HF tokens/s", o.per_seq / h.per_seq, 1.2))
         checks.append(check(f"batch {B} TTFT <= 1.0x HF", o.ttft / h.ttft, 1.0, below=True))
         outside = (o.ttft - o.vision) / (h.ttft - h.vision)
-        checks.append(check(f"batch {B} TTFT outside the vision tower <= 0.8x HF's", outside, 0.8, below=True))
+        checks.append(
+            check(f"batch {B} TTFT outside the vision tower <= 0.8x HF's", outside, 0.8, below=True)
+        )
         same = (o.tokens == h.tokens).sum().item()
         checks.append(f"- batch {B}: generated tokens equal to HF's: {same} of {o.tokens.numel()}")
     release_memory()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project as one script, for a lent GPU machine (the device tool): the CUDA tests
-# (tests/test_cuda.py, skipped where there is no GPU) and the generation benchmark on an 11B-sized random
-# model in bfloat16 with the decode step compiled to CUDA graphs. About 5 minutes on an H200.
+# (tests/test_cuda.py, skipped where there is no GPU), the generation benchmark on an 11B-sized random
+# model in bfloat16 with the decode step compiled to CUDA graphs, and the serving benchmark on it at 1, 8
+# and 32 concurrent requests. About 8 minutes on an H200.
 #
 # That machine has PyTorch, transformers, tiktoken, safetensors and einops but not llama-models, whose
 # tokenizer.model the tests and the benchmark use, so copy it into .gpu/ (git-ignored) first, here:
@@ -20,5 +21,8 @@ tests=${PIPESTATUS[0]}
 python3 bench/generate.py --device cuda --dtype bfloat16 --compile \
     --preset llama-3.2-11b-vision-instruct --skip-hf 2>&1 | tee "$logs/bench_11b.log"
 bench=${PIPESTATUS[0]}
-echo "tests exit $tests, benchmark exit $bench"
-exit $((tests || bench))
+python3 bench/serving.py --device cuda --dtype bfloat16 --compile --preset llama-3.2-11b-vision-instruct \
+    --skip-hf --clients 1 8 32 --new-tokens 64 2>&1 | tee "$logs/serving_11b.log"
+serving=${PIPESTATUS[0]}
+echo "tests exit $tests, benchmark exit $bench, serving exit $serving"
+exit $((tests || bench || serving))

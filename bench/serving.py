@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import (  # noqa: E402  the generation benchmark's checkpoint, prompts and HF engine
+    DTYPES,
     HF,
     HF_PROCESSOR,
     cpu_seconds,
@@ -43,6 +44,7 @@ from generate import (  # noqa: E402  the generation benchmark's checkpoint, pro
     make_prompts,
     others_share,
     random_image,
+    random_model,
     write_checkpoint,
     write_hf_processor,
 )
@@ -126,7 +128,7 @@ def old_mixed_prefill(lv: LlamaVision, prompts: list[str], images: list[list]) -
     tower, then the whole batch at once; the time from the raw inputs to the first tokens."""
     model = lv.model
     start = time.perf_counter()
-    inputs = lv.processor(text=prompts, images=images)
+    inputs = {k: v.to(model.device) for k, v in lv.processor(text=prompts, images=images).items()}
     with torch.no_grad():
         images = model.prepare_images(
             inputs["pixel_values"],
@@ -148,36 +150,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-hf", action="store_true", help="ours only (the model is then built in memory)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    print(f"machine: {machine_line(torch.device('cpu'))}")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    print(f"machine: {machine_line(device)}")
     n_max = max(args.clients)
     config = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0.0, eos_token_ids=())
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         path = Path(tmp)
-        write_checkpoint(get_preset(args.preset), path, args.seed)
-        lv = LlamaVision.from_pretrained(
-            path,
-            dtype=torch.float32,
-            compile=args.compile,
-            max_batch=n_max,
-            max_length=args.prompt_tokens + args.new_tokens + 8,
-            max_images=1,
-            prefix_cache_bytes=0,
-        )
+        options = {
+            "max_batch": n_max,
+            "max_length": args.prompt_tokens + args.new_tokens + 8,
+            "max_images": 1,
+            "prefix_cache_bytes": 0,
+        }
+        if args.skip_hf:  # random weights straight on the device: no checkpoint files (an 11B fits)
+            built = random_model(get_preset(args.preset), device, dtype, args.seed, False)
+            lv = LlamaVision(built.model, built.processor, compile=args.compile, engine_options=options)
+        else:
+            write_checkpoint(get_preset(args.preset), path, args.seed)
+            lv = LlamaVision.from_pretrained(
+                path, device=device, dtype=dtype, compile=args.compile, **options
+            )
         prompts = make_prompts(lv.tokenizer, max(n_max, 8), args.prompt_tokens)
         images = [random_image(300 + 7 * i, 280 + 5 * i, seed=i) for i in range(max(n_max, 8))]
         text_prompts = [pr.replace("<|image|>", "") for pr in prompts]
         hf = None
         if not args.skip_hf:
             write_hf_processor(read_config(path), path / HF_PROCESSOR)
-            hf = HF(torch.device("cpu"), torch.float32)
+            hf = HF(device, dtype)
             hf.load(path)
         print(
-            f"model: {args.preset}, float32 on the CPU{', decode step compiled' if args.compile else ''}; "
+            f"model: {args.preset}, {args.dtype} on {device}{', decode step compiled' if args.compile else ''}; "
             f"each request: a {args.prompt_tokens}-token prompt with one image (4 tiles) or none, "
             f"{args.new_tokens} greedy new tokens"
         )
@@ -227,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
 
         # 2. multi-turn, prefix reuse on
-        turns = LlamaVision(lv.model, lv.processor, engine_options={"max_images": 1, "max_length": 1024})
+        turns = LlamaVision(
+            lv.model, lv.processor, compile=args.compile, engine_options={"max_images": 1, "max_length": 1024}
+        )
         image = random_image(500, 400, seed=99)
         conversation = [
             {
