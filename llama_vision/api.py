@@ -25,9 +25,11 @@ import torch
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.generation import Engine, TextStream, answer_text, stream_rows
 from llama_vision.model import LlamaVisionModel
+from llama_vision.options import parse_dtype, usable_device
 from llama_vision.processor import Processor
 from llama_vision.sampling import GenerationConfig
 from llama_vision.tokenizer import Tokenizer
+from llama_vision.validate import check_generation_ids
 from llama_vision.weights import load_checkpoint, read_config
 
 
@@ -48,14 +50,19 @@ class LlamaVision:
         path: str | Path,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         progress: bool = False,
         compile: bool = False,
     ) -> LlamaVision:
-        """Load a checkpoint directory. `dtype` None keeps the stored dtype; `compile` compiles the decode
-        step with torch.compile (the first answer then takes longer)."""
+        """Load a checkpoint directory. `device` "cpu", "cuda", "cuda:1", "mps" or a torch device; `dtype`
+        a torch dtype or a name ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype;
+        `compile` compiles the decode step with torch.compile (the first answer then takes longer)."""
+        device, dtype = usable_device(device), parse_dtype(dtype)
         processor = Processor.from_dir(path, read_config(path))  # a missing tokenizer fails before loading
         generation_config = GenerationConfig.from_dir(path)
+        check_generation_ids(
+            generation_config.eos_token_ids, processor.config.text.vocab_size, "generation_config.json"
+        )
         model = load_checkpoint(path, device=device, dtype=dtype, progress=progress).eval()
         return cls(model=model, processor=processor, generation_config=generation_config, compile=compile)
 
