@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 from llama_vision import template as jinja_template
 from llama_vision.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER
+from llama_vision.validate import describe
 
 # Role in the messages -> role written in the header.
 ROLES = {
@@ -68,7 +69,9 @@ def validate_messages(messages: Sequence[Message]) -> None:
                 f"{where}: expected a dict with 'role' and 'content', got {type(message).__name__}"
             )
         if message.get("role") not in ROLES:
-            raise ValueError(f"{where}: unknown role {message.get('role')!r}, expected one of {list(ROLES)}")
+            raise ValueError(
+                f"{where}: unknown role {describe(message.get('role'))}, expected one of {list(ROLES)}"
+            )
         content = message.get("content")
         if isinstance(content, str):
             continue
@@ -82,7 +85,7 @@ def validate_messages(messages: Sequence[Message]) -> None:
                 raise ValueError(f"{where}, item {j}: a text item needs a 'text' string")
             if kind not in ("text", "image"):
                 raise ValueError(
-                    f"{where}, item {j}: expected a dict with 'type' 'text' or 'image', got {item!r}"
+                    f"{where}, item {j}: expected a dict with 'type' 'text' or 'image', got {describe(item)}"
                 )
 
 
