@@ -66,7 +66,9 @@ class Processor:
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
-        """The prompt string for chat `messages` (the checkpoint's template if it ships one)."""
+        """The prompt string for chat `messages` (the checkpoint's template if it ships one), to look at.
+        `processor(text=...)` of it would parse special-token strings typed in the messages: encode chats
+        with `encode_chat` / `chat_inputs`."""
         return render_chat(
             messages, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template
         )
