@@ -306,14 +306,15 @@ META_PARAMS = {
         ({"n_heads": 3}, "TextConfig: hidden_size=128 is not divisible by num_attention_heads=3"),
     ],
 )
-def test_bad_meta_params(tmp_path: Path, change: dict, message: str) -> None:
-    read = lambda: read_config(tmp_path)  # noqa: E731
+def test_bad_meta_params(tmp_path: Path, change: dict, message: str, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "params.json").write_text(json.dumps(META_PARAMS))
-    assert read().text.cross_attention_layers == (1, 4)
+    assert read_config(tmp_path).text.cross_attention_layers == (1, 4)
     (tmp_path / "params.json").write_text(json.dumps({**META_PARAMS, **change}))
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'params.json'}: ")) as error:
-        read()
+        read_config(tmp_path)
     assert message in str(error.value)
+    code, line = cli_error(capsys, "ask", "--model", str(tmp_path), "Hi")
+    assert code == 1 and message in line
 
 
 def test_chat_template_as_a_list_of_strings(original: Path, variant: Callable[..., Path]) -> None:
@@ -355,11 +356,15 @@ def test_image_token_disagrees_with_the_tokenizer(original: Path, variant: Calla
         ),
     ],
 )
-def test_bad_generation_config(variant: Callable[..., Path], generation_config: dict, message: str) -> None:
+def test_bad_generation_config(
+    variant: Callable[..., Path], generation_config: dict, message: str, capsys: pytest.CaptureFixture
+) -> None:
     path = variant(generation_config__json=json.dumps(generation_config))
     with pytest.raises(ValueError, match="generation_config.json: ") as error:
         LlamaVision.from_pretrained(path)
     assert message in str(error.value)
+    code, line = cli_error(capsys, "ask", "--model", str(path), "Hi")
+    assert code == 1 and message in line
 
 
 def test_float64_tensor_is_converted(original: Path, variant: Callable[..., Path], lv: LlamaVision) -> None:
