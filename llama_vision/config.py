@@ -236,7 +236,8 @@ class LlamaVisionConfig:
         v, t = f.section("vision_config"), f.section("text_config")
         max_tiles = v.integer("max_num_tiles", 4, high=64)
         layers = v.integer("num_hidden_layers", 32, high=100_000)
-        heads = v.integer("attention_heads", v.raw("num_attention_heads", 16))
+        # transformers writes attention_heads; some tools write num_attention_heads
+        heads = v.integer("attention_heads" if v.has("attention_heads") else "num_attention_heads", 16)
         text_layers = t.integer("num_hidden_layers", 40, high=100_000)
         vocab = t.integer("vocab_size", 128256)
         ids = dict(low=0, high=vocab + NUM_LEARNABLE_EMBEDDINGS - 1)
