@@ -60,9 +60,8 @@ class LlamaVision:
         device, dtype = usable_device(device), parse_dtype(dtype)
         processor = Processor.from_dir(path, read_config(path))  # a missing tokenizer fails before loading
         generation_config = GenerationConfig.from_dir(path)
-        check_generation_ids(
-            generation_config.eos_token_ids, processor.config.text.vocab_size, "generation_config.json"
-        )
+        vocab, where = processor.config.text.vocab_size, str(Path(path) / "generation_config.json")
+        check_generation_ids(generation_config.eos_token_ids, vocab, where)
         model = load_checkpoint(path, device=device, dtype=dtype, progress=progress).eval()
         return cls(model=model, processor=processor, generation_config=generation_config, compile=compile)
 

@@ -102,13 +102,9 @@ class VisionConfig:
         _check_positive(self, _VISION_SIZES)
         if self.num_channels != 3:
             _fail(type(self), f"num_channels must be 3 (images are read as RGB), got {self.num_channels}")
-        if not self.supported_aspect_ratios or len(set(self.supported_aspect_ratios)) != len(
-            self.supported_aspect_ratios
-        ):
-            _fail(
-                type(self),
-                f"supported_aspect_ratios must be distinct pairs, got {self.supported_aspect_ratios}",
-            )
+        ratios = self.supported_aspect_ratios
+        if not ratios or len(set(ratios)) != len(ratios):
+            _fail(type(self), f"supported_aspect_ratios must be distinct pairs, got {ratios}")
         if self.hidden_size % self.attention_heads:
             _fail(
                 type(self),
@@ -174,12 +170,9 @@ class TextConfig:
         for name, values in ids.items():
             if not all(is_int(i) and 0 <= i < self.num_embeddings for i in values):
                 _fail(type(self), f"{name} must be an id in 0..{self.num_embeddings - 1}, got {values[0]!r}")
-        if not self.eos_token_id or not all(
-            is_int(i) and 0 <= i < self.vocab_size for i in self.eos_token_id
-        ):
-            _fail(
-                type(self), f"eos_token_id must be ids in 0..{self.vocab_size - 1}, got {self.eos_token_id}"
-            )
+        eos = self.eos_token_id
+        if not eos or not all(is_int(i) and 0 <= i < self.vocab_size for i in eos):
+            _fail(type(self), f"eos_token_id must be ids in 0..{self.vocab_size - 1}, got {eos}")
         if self.hidden_size % self.num_attention_heads:
             _fail(
                 type(self),
