@@ -43,8 +43,8 @@ class GenerationConfig:
         object.__setattr__(self, "stop", _strings(self.stop))
         if self.eos_token_ids is not None:
             ids = (self.eos_token_ids,) if isinstance(self.eos_token_ids, int) else tuple(self.eos_token_ids)
-            if not all(_is_int(i) and i >= 0 for i in ids):
-                raise ValueError(f"eos_token_ids must be non-negative integers, got {self.eos_token_ids!r}")
+            if not all(_is_int(i) for i in ids):
+                raise ValueError(f"eos_token_ids must be integers, got {self.eos_token_ids!r}")
             object.__setattr__(self, "eos_token_ids", ids)
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")

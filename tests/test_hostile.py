@@ -532,10 +532,19 @@ def _launch(*args: str | bytes) -> subprocess.Popen:
     )
 
 
+def _wait_for_mapping(process: subprocess.Popen, needle: str) -> None:
+    """Wait until the process has mapped a file whose path holds `needle` (a sign of what it is doing)."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    with within(120):
+        while process.poll() is None and needle not in maps.read_text():
+            time.sleep(0.01)
+
+
 @pytest.mark.slow  # four interpreters at once
 def test_cli_processes_interrupt_and_bytes(original: Path, variant: Callable[..., Path]) -> None:
-    """Ctrl-C while importing, while loading (or just before), and while generating: exit code 130,
-    nothing on stderr. Raw non-UTF-8 bytes in an argument: a one-line error before loading."""
+    """Ctrl-C while importing PyTorch, while reading the weights, and while generating: exit code 130,
+    nothing on stderr. (A Ctrl-C during the interpreter's own start-up, before any of the package's code
+    runs, is out of its reach.) Raw non-UTF-8 bytes in an argument: a one-line error before loading."""
     ask = [
         "ask",
         "--model",
@@ -546,17 +555,17 @@ def test_cli_processes_interrupt_and_bytes(original: Path, variant: Callable[...
         "20000",
         "Tell a story.",
     ]
-    early, loading, generating = _launch(*ask), _launch(*ask), _launch(*ask)
+    importing, loading, generating = _launch(*ask), _launch(*ask), _launch(*ask)
     no_weights = variant(model__safetensors=None)
     raw_bytes = _launch("ask", "--model", str(no_weights), b"caf\xe9")
-    time.sleep(0.3)
-    early.send_signal(signal.SIGINT)
-    time.sleep(2.2)
+    _wait_for_mapping(importing, "/torch/")
+    importing.send_signal(signal.SIGINT)
+    _wait_for_mapping(loading, "model.safetensors")
     loading.send_signal(signal.SIGINT)
     with within(120):
         assert generating.stdout.read(1)  # the answer has started
     generating.send_signal(signal.SIGINT)
-    for process in (early, loading, generating):
+    for process in (importing, loading, generating):
         _, err = process.communicate(timeout=60)
         assert process.returncode == 130 and err == b"", err.decode(errors="replace")
     _, err = raw_bytes.communicate(timeout=60)
