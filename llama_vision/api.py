@@ -30,9 +30,11 @@ from llama_vision.cpu_linear import use_blocked_linears
 from llama_vision.engine import Engine, LogitsProcessor
 from llama_vision.generation import Answer
 from llama_vision.model import LlamaVisionModel
+from llama_vision.options import parse_dtype, usable_device
 from llama_vision.processor import Processor
 from llama_vision.sampling import GenerationConfig
 from llama_vision.tokenizer import Tokenizer
+from llama_vision.validate import check_generation_ids
 from llama_vision.weights import load_checkpoint, read_config
 
 
@@ -58,16 +60,21 @@ class LlamaVision:
         path: str | Path,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         progress: bool = False,
         compile: bool = False,
         **engine_options: Any,
     ) -> LlamaVision:
-        """Load a checkpoint directory. `dtype` None keeps the stored dtype; `compile` compiles the decode
-        step with torch.compile (each new batch and length bucket compiles once, the first answers take
-        longer). On the CPU the linear layers get the blocked few-row path (cpu_linear.py)."""
+        """Load a checkpoint directory. `device` "cpu", "cuda", "cuda:1", "mps" or a torch device; `dtype`
+        a torch dtype or a name ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype;
+        `compile` compiles the decode step with torch.compile (each new batch and length bucket compiles
+        once, the first answers take longer). On the CPU the linear layers get the blocked few-row path
+        (cpu_linear.py). Other keywords are engine options (see the class)."""
+        device, dtype = usable_device(device), parse_dtype(dtype)
         processor = Processor.from_dir(path, read_config(path))  # a missing tokenizer fails before loading
         generation_config = GenerationConfig.from_dir(path)
+        vocab, where = processor.config.text.vocab_size, str(Path(path) / "generation_config.json")
+        check_generation_ids(generation_config.eos_token_ids, vocab, where)
         model = load_checkpoint(path, device=device, dtype=dtype, progress=progress).eval()
         if model.device.type == "cpu":
             use_blocked_linears(model)

@@ -1,5 +1,11 @@
 """The command line: `llama-vision ask --model DIR --image photo.jpg "What is in this picture?"`.
 
+The prompt is the argument, or comes from standard input (`-`) or a file (`--prompt-file PATH`), for
+prompts longer than the system's argument limit. Text arguments and prompt files must be UTF-8; that
+is checked first, with the other options. Ctrl-C is handled by `llama_vision.entry`, the installed
+command's entry point (exit code 130 at any moment); `main` here, called in-process, returns 130 on a
+KeyboardInterrupt.
+
 `ask` streams the answer to stdout, a piece at a time, and ends it with a newline; stdout holds nothing
 else, so it can be piped. Loading progress goes to stderr, and only when stderr is a terminal (the
 progress line redraws itself with carriage returns, which would litter a log file); `--quiet` turns it
@@ -19,17 +25,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
-
-import torch
 
 from llama_vision.api import LlamaVision
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
+from llama_vision.options import DEVICE_NAMES, DTYPE_NAMES, parse_device, parse_dtype, usable_device
 from llama_vision.sampling import GenerationConfig
 from llama_vision.weights import read_config
 
 PROG = "llama-vision"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
 
 
@@ -52,7 +57,14 @@ def build_parser() -> Parser:
         help="answer a question about images",
         description="Answer a question about images; the answer streams to stdout.",
     )
-    ask.add_argument("prompt", help="the question (the text of the user message)")
+    ask.add_argument(
+        "prompt",
+        nargs="?",
+        help="the question (the text of the user message); - reads it from standard input",
+    )
+    ask.add_argument(
+        "--prompt-file", metavar="PATH", help="read the question from a UTF-8 file (- for stdin)"
+    )
     ask.add_argument(
         "--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face or Meta)"
     )
@@ -75,8 +87,8 @@ def build_parser() -> Parser:
     run.add_argument(
         "--max-tiles", type=tiles, metavar="N", help="most tiles per image (default: the model's)"
     )
-    run.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
-    run.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: as stored)")
+    run.add_argument("--device", type=device, default="cpu", help=f"{DEVICE_NAMES} (default: cpu)")
+    run.add_argument("--dtype", type=dtype, help=f"weight dtype: {DTYPE_NAMES} (default: as stored)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
     ask.set_defaults(run=ask_command)
@@ -92,15 +104,63 @@ def tiles(text: str) -> int:
 
 def device(text: str) -> str:
     try:
-        kind = torch.device(text).type
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda, cuda:1, mps, ...)") from None
-    if kind == "meta":
-        raise argparse.ArgumentTypeError("the meta device holds no weights; pick one that computes")
+        parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
+def dtype(text: str) -> Any:
+    try:
+        return parse_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The question from the argument, standard input (-) or --prompt-file; UTF-8 checked."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UsageError(
+            "give the question either as an argument (- for standard input) or with --prompt-file"
+        )
+    for flag, value in [
+        ("prompt", args.prompt),
+        ("--system", args.system),
+        *(("--stop", s) for s in args.stop or []),
+    ]:
+        check_utf8(flag, value)
+    source = args.prompt_file if args.prompt is None else args.prompt if args.prompt == "-" else None
+    if source is None:
+        return args.prompt
+    if source == "-":
+        data, name = sys.stdin.buffer.read(), "standard input"
+    else:
+        try:
+            data, name = Path(source).read_bytes(), source
+        except OSError as e:
+            raise OSError(f"cannot read the prompt file {source}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"the prompt in {name} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+        ) from None
+
+
+def check_utf8(flag: str, value: str | None) -> None:
+    """Arguments reach Python with undecodable bytes as lone surrogates (surrogateescape)."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = value[e.start].encode("utf-8", "surrogateescape")
+        shown = f"byte {byte[0]:#04x}" if len(byte) == 1 else f"character {value[e.start]!r}"
+        raise UsageError(f"argument {flag}: not UTF-8 text ({shown} at position {e.start})") from None
+
+
 def ask_command(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
     options = {name: getattr(args, name) for name in SAMPLING}
     for name, value in options.items():  # one at a time, to name the flag; defaults come from the checkpoint
         try:
@@ -114,17 +174,17 @@ def ask_command(args: argparse.Namespace) -> int:
             f"argument --max-tiles: this model takes at most {limit} tiles, got {args.max_tiles}"
         )
     images = [load_image(path) for path in args.image]
-    check_device(args.device)
+    usable_device(args.device)
 
     lv = LlamaVision.from_pretrained(
         args.model,
         device=args.device,
-        dtype=None if args.dtype is None else DTYPES[args.dtype],
+        dtype=args.dtype,
         progress=not args.quiet and sys.stderr.isatty(),
         compile=args.compile,
     )
     for piece in lv.stream(
-        conversation(args.prompt, images, args.system), max_num_tiles=args.max_tiles, **options
+        conversation(prompt, images, args.system), max_num_tiles=args.max_tiles, **options
     ):
         print(piece, end="", flush=True)
     print(flush=True)
@@ -136,16 +196,6 @@ def conversation(prompt: str, images: Sequence[Any], system: str | None = None) 
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": prompt}]
     system_message = [] if system is None else [{"role": "system", "content": system}]
     return [*system_message, {"role": "user", "content": content}]
-
-
-def check_device(name: str) -> None:
-    """Fail before loading when the device type exists but this machine cannot use it (no CUDA here)."""
-    try:
-        torch.empty(0, device=name)
-    except NotImplementedError:  # its message lists every dispatch key
-        raise RuntimeError(f"device {name!r}: this PyTorch build cannot run on it") from None
-    except RuntimeError as e:
-        raise RuntimeError(f"device {name!r} is not usable here: {first_line(e)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

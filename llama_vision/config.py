@@ -13,13 +13,19 @@ Non-obvious choices:
   self-attention layer schedule[J], so its merged index is schedule[J] + J.
 - `supported_aspect_ratios` are (tiles high, tiles wide); aspect-ratio id = index + 1, id 0 = padding.
 - The 11B *base* model uses 448 px tiles, everything else 560 px (HF issue #33812).
+- The file readers check every field's JSON type and range through `validate.Fields` (errors name the
+  file and the field); `__post_init__` checks what holds between fields, for configs built in code too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from llama_vision.validate import Fields, is_int
 
 IMAGE_TOKEN_ID = 128256
 NUM_LEARNABLE_EMBEDDINGS = 8  # extra embedding rows after the text vocabulary; row 0 is <|image|>
@@ -39,6 +45,14 @@ def _fail(cls: type, message: str) -> None:
     raise ValueError(f"{cls.__name__}: {message}")
 
 
+def _check_positive(config: Any, names: tuple[str, ...]) -> None:
+    """Sizes are positive integers (before any divisibility check divides by them)."""
+    for name in names:
+        value = getattr(config, name)
+        if not is_int(value) or value < 1:
+            _fail(type(config), f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """Llama 3 frequency scaling of RoPE (`rope_type: llama3`)."""
@@ -55,6 +69,12 @@ class RopeScaling:
                 f"need factor > 0 and high_freq_factor > low_freq_factor > 0, got factor={self.factor}, "
                 f"low_freq_factor={self.low_freq_factor}, high_freq_factor={self.high_freq_factor}",
             )
+
+
+_VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_global_layers", "attention_heads",
+                 "image_size", "patch_size", "max_num_tiles")  # fmt: skip
+_TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +99,12 @@ class VisionConfig:
         object.__setattr__(
             self, "supported_aspect_ratios", tuple(tuple(r) for r in self.supported_aspect_ratios)
         )
+        _check_positive(self, _VISION_SIZES)
+        if self.num_channels != 3:
+            _fail(type(self), f"num_channels must be 3 (images are read as RGB), got {self.num_channels}")
+        ratios = self.supported_aspect_ratios
+        if not ratios or len(set(ratios)) != len(ratios):
+            _fail(type(self), f"supported_aspect_ratios must be distinct pairs, got {ratios}")
         if self.hidden_size % self.attention_heads:
             _fail(
                 type(self),
@@ -139,6 +165,14 @@ class TextConfig:
         object.__setattr__(self, "cross_attention_layers", tuple(self.cross_attention_layers))
         eos = self.eos_token_id
         object.__setattr__(self, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos))
+        _check_positive(self, _TEXT_SIZES)
+        ids = {"bos_token_id": (self.bos_token_id,), "pad_token_id": (self.pad_token_id,)}
+        for name, values in ids.items():
+            if not all(is_int(i) and 0 <= i < self.num_embeddings for i in values):
+                _fail(type(self), f"{name} must be an id in 0..{self.num_embeddings - 1}, got {values[0]!r}")
+        eos = self.eos_token_id
+        if not eos or not all(is_int(i) and 0 <= i < self.vocab_size for i in eos):
+            _fail(type(self), f"eos_token_id must be ids in 0..{self.vocab_size - 1}, got {eos}")
         if self.hidden_size % self.num_attention_heads:
             _fail(
                 type(self),
@@ -187,48 +221,62 @@ class LlamaVisionConfig:
 
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> LlamaVisionConfig:
-        """Read a Hugging Face `config.json` dict (transformers 4.45 to 5.x)."""
-        if config.get("model_type") not in (None, "mllama"):
-            raise ValueError(f"config.json: model_type is {config.get('model_type')!r}, expected 'mllama'")
-        v = config.get("vision_config", {})
-        t = config.get("text_config", {})
-        max_tiles = v.get("max_num_tiles", 4)
-        ratios = v.get("supported_aspect_ratios") or supported_aspect_ratios(max_tiles)
-        vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 1280),
-            intermediate_size=v.get("intermediate_size", 5120),
-            num_hidden_layers=v.get("num_hidden_layers", 32),
-            num_global_layers=v.get("num_global_layers", 8),
-            attention_heads=v.get("attention_heads", v.get("num_attention_heads", 16)),
-            image_size=v.get("image_size", 448),  # the HF class default, see REFERENCE 1.1
-            patch_size=v.get("patch_size", 14),
-            num_channels=v.get("num_channels", 3),
-            max_num_tiles=max_tiles,
-            norm_eps=v.get("norm_eps", 1e-5),
-            intermediate_layers_indices=tuple(v.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
-            supported_aspect_ratios=tuple(tuple(r) for r in ratios),
-        )
-        theta, scaling = _read_hf_rope(t)
-        eos = t.get("eos_token_id", 128001)
-        text = TextConfig(
-            vocab_size=t.get("vocab_size", 128256),
-            hidden_size=t.get("hidden_size", 4096),
-            intermediate_size=t.get("intermediate_size", 14336),
-            num_hidden_layers=t.get("num_hidden_layers", 40),
-            num_attention_heads=t.get("num_attention_heads", 32),
-            num_key_value_heads=t.get("num_key_value_heads", 8),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-5),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=t.get("max_position_embeddings", 131072),
-            cross_attention_layers=tuple(t.get("cross_attention_layers", (3, 8, 13, 18, 23, 28, 33, 38))),
-            bos_token_id=t.get("bos_token_id", 128000),
-            eos_token_id=(eos,) if isinstance(eos, int) else tuple(eos),
-            pad_token_id=t.get("pad_token_id", 128004),
-        )
-        image_token = config.get("image_token_index", config.get("image_token_id", IMAGE_TOKEN_ID))
-        return cls(vision=vision, text=text, image_token_id=image_token)
+    def from_hf(cls, config: dict[str, Any], source: str = "config.json") -> LlamaVisionConfig:
+        """Read a Hugging Face `config.json` dict (transformers 4.45 to 5.x); errors name `source`."""
+        f = Fields(config, source)
+        if f.raw("model_type", "mllama") != "mllama":
+            raise ValueError(f"{source}: model_type is {f.raw('model_type')!r}, expected 'mllama'")
+        v, t = f.section("vision_config"), f.section("text_config")
+        max_tiles = v.integer("max_num_tiles", 4, high=64)
+        layers = v.integer("num_hidden_layers", 32, high=100_000)
+        # transformers writes attention_heads; some tools write num_attention_heads
+        heads = v.integer("attention_heads" if v.has("attention_heads") else "num_attention_heads", 16)
+        text_layers = t.integer("num_hidden_layers", 40, high=100_000)
+        vocab = t.integer("vocab_size", 128256)
+        ids = dict(low=0, high=vocab + NUM_LEARNABLE_EMBEDDINGS - 1)
+        with _naming(source):
+            vision = VisionConfig(
+                hidden_size=v.integer("hidden_size", 1280),
+                intermediate_size=v.integer("intermediate_size", 5120),
+                num_hidden_layers=layers,
+                num_global_layers=v.integer("num_global_layers", 8, high=100_000),
+                attention_heads=heads,
+                image_size=v.integer("image_size", 448),  # the HF class default, see REFERENCE 1.1
+                patch_size=v.integer("patch_size", 14),
+                num_channels=v.integer("num_channels", 3, low=3, high=3),
+                max_num_tiles=max_tiles,
+                norm_eps=v.number("norm_eps", 1e-5, high=1.0),
+                intermediate_layers_indices=v.integers(
+                    "intermediate_layers_indices", (3, 7, 15, 23, 30), high=layers - 1
+                ),
+                supported_aspect_ratios=v.pairs(
+                    "supported_aspect_ratios", supported_aspect_ratios(max_tiles)
+                ),
+            )
+            theta, scaling = _read_hf_rope(t)
+            text = TextConfig(
+                vocab_size=vocab,
+                hidden_size=t.integer("hidden_size", 4096),
+                intermediate_size=t.integer("intermediate_size", 14336),
+                num_hidden_layers=text_layers,
+                num_attention_heads=t.integer("num_attention_heads", 32),
+                num_key_value_heads=t.integer("num_key_value_heads", 8),
+                rms_norm_eps=t.number("rms_norm_eps", 1e-5, high=1.0),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=t.integer("max_position_embeddings", 131072, high=2**24),
+                cross_attention_layers=t.integers(
+                    "cross_attention_layers", (3, 8, 13, 18, 23, 28, 33, 38), high=text_layers - 1
+                ),
+                bos_token_id=t.integer("bos_token_id", 128000, **ids),
+                eos_token_id=t.integers(
+                    "eos_token_id", 128001, low=0, high=vocab - 1, scalar=True, nonempty=True
+                ),
+                pad_token_id=t.integer("pad_token_id", 128004, **ids),
+            )
+            key = "image_token_index" if f.has("image_token_index") else "image_token_id"
+            image_token = f.integer(key, IMAGE_TOKEN_ID, **ids)
+            return cls(vision=vision, text=text, image_token_id=image_token)
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict in the layout the hub checkpoints use (loads in transformers 4.45 to 5.x)."""
@@ -282,52 +330,63 @@ class LlamaVisionConfig:
 
     # ------------------------------------------------------------------ Meta params.json
     @classmethod
-    def from_meta(cls, params: dict[str, Any]) -> LlamaVisionConfig:
-        """Read Meta's `params.json` (llama-models ModelArgs).
+    def from_meta(cls, params: dict[str, Any], source: str = "params.json") -> LlamaVisionConfig:
+        """Read Meta's `params.json` (llama-models ModelArgs); errors name `source`.
 
         Meta hard-codes the ViT-H/14 tower (width 1280, 32 + 8 layers, 16 heads, intermediates
         [3, 7, 15, 23, 30]); only the tile size (`vision_chunk_size`) and tile count vary. An optional
         `"vision"` dict overrides the tower's sizes; our tests use it for small towers.
         """
-        required = ("dim", "n_layers", "n_heads", "vocab_size", "vision_chunk_size")
-        missing = [k for k in required if k not in params]
+        p = Fields(params, source)
+        missing = [
+            k for k in ("dim", "n_layers", "n_heads", "vocab_size", "vision_chunk_size") if not p.has(k)
+        ]
         if missing:
-            raise ValueError(f"params.json: missing {missing}")
-        n_cross = params.get("vision_num_cross_attention_layers")
-        if n_cross is None:
-            n_cross = params.get("vision_model", {}).get("cross_attention_adapter", {}).get("num_layers")
-        if not n_cross or n_cross <= 0:
-            raise ValueError("params.json: vision_num_cross_attention_layers is missing or not positive")
-        dim, n_layers = params["dim"], params["n_layers"]
+            raise ValueError(f"{source}: missing {missing}")
+        dim, n_layers = p.integer("dim"), p.integer("n_layers", high=100_000)
+        adapter = p.section("vision_model").section("cross_attention_adapter")
+        if p.has("vision_num_cross_attention_layers"):
+            n_cross = p.integer("vision_num_cross_attention_layers", high=n_layers)
+        elif adapter.has("num_layers"):
+            n_cross = adapter.integer("num_layers", high=n_layers)
+        else:
+            raise ValueError(f"{source}: vision_num_cross_attention_layers is missing")
         schedule = meta_fusion_schedule(n_layers, n_cross)
-        hidden = _meta_ffn_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
-        max_tiles = params.get("vision_max_num_chunks", 4)
-        v_over = params.get("vision", {})
-        vision = VisionConfig(
-            hidden_size=v_over.get("hidden_size", 1280),
-            intermediate_size=v_over.get("intermediate_size", 4 * v_over.get("hidden_size", 1280)),
-            num_hidden_layers=v_over.get("num_hidden_layers", 32),
-            num_global_layers=v_over.get("num_global_layers", 8),
-            attention_heads=v_over.get("attention_heads", 16),
-            image_size=params["vision_chunk_size"],
-            patch_size=14,
-            max_num_tiles=max_tiles,
-            intermediate_layers_indices=tuple(v_over.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
-            supported_aspect_ratios=supported_aspect_ratios(max_tiles),
-        )
-        text = TextConfig(
-            vocab_size=params["vocab_size"],
-            hidden_size=dim,
-            intermediate_size=hidden,
-            num_hidden_layers=n_layers + n_cross,
-            num_attention_heads=params["n_heads"],
-            num_key_value_heads=params.get("n_kv_heads") or params["n_heads"],
-            rms_norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=float(params.get("rope_theta", 500000.0)),
-            rope_scaling=RopeScaling() if params.get("use_scaled_rope", False) else None,
-            cross_attention_layers=tuple(s + j for j, s in enumerate(schedule)),
-        )
-        return cls(vision=vision, text=text)
+        multiplier = p.number("ffn_dim_multiplier", 1.0, high=1000.0) if p.has("ffn_dim_multiplier") else None
+        hidden = _meta_ffn_dim(dim, p.integer("multiple_of", 256), multiplier)
+        max_tiles = p.integer("vision_max_num_chunks", 4, high=64)
+        o = p.section("vision")
+        width = o.integer("hidden_size", 1280)
+        tower_layers = o.integer("num_hidden_layers", 32, high=100_000)
+        n_heads = p.integer("n_heads")
+        with _naming(source):
+            vision = VisionConfig(
+                hidden_size=width,
+                intermediate_size=o.integer("intermediate_size", 4 * width),
+                num_hidden_layers=tower_layers,
+                num_global_layers=o.integer("num_global_layers", 8, high=100_000),
+                attention_heads=o.integer("attention_heads", 16),
+                image_size=p.integer("vision_chunk_size"),
+                patch_size=14,
+                max_num_tiles=max_tiles,
+                intermediate_layers_indices=o.integers(
+                    "intermediate_layers_indices", (3, 7, 15, 23, 30), high=tower_layers - 1
+                ),
+                supported_aspect_ratios=supported_aspect_ratios(max_tiles),
+            )
+            text = TextConfig(
+                vocab_size=p.integer("vocab_size"),
+                hidden_size=dim,
+                intermediate_size=hidden,
+                num_hidden_layers=n_layers + n_cross,
+                num_attention_heads=n_heads,
+                num_key_value_heads=p.integer("n_kv_heads", n_heads),
+                rms_norm_eps=p.number("norm_eps", 1e-5, high=1.0),
+                rope_theta=p.number("rope_theta", 500000.0),
+                rope_scaling=RopeScaling() if p.flag("use_scaled_rope", False) else None,
+                cross_attention_layers=tuple(s + j for j, s in enumerate(schedule)),
+            )
+            return cls(vision=vision, text=text)
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: Any) -> LlamaVisionConfig:
@@ -347,26 +406,38 @@ def _meta_ffn_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _read_hf_rope(text: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _read_hf_rope(text: Fields) -> tuple[float, RopeScaling | None]:
     """rope_theta and llama3 scaling from either `rope_theta` + `rope_scaling` or `rope_parameters`."""
-    params = text.get("rope_parameters")
-    if params is not None:
-        theta = params.get("rope_theta", text.get("rope_theta", 500000.0))
-        scaling = params
+    if text.has("rope_parameters"):
+        scaling = text.section("rope_parameters")
+        theta = scaling.number("rope_theta", text.number("rope_theta", 500000.0))
     else:
-        theta = text.get("rope_theta", 500000.0)
-        scaling = text.get("rope_scaling")
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        theta = text.number("rope_theta", 500000.0)
+        scaling = text.section("rope_scaling")
+    rope_type = scaling.raw("rope_type", scaling.raw("type", "default"))
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
-        raise ValueError(f"config.json: unsupported rope_type {rope_type!r} (expected 'llama3' or 'default')")
-    return float(theta), RopeScaling(
-        factor=scaling.get("factor", 8.0),
-        low_freq_factor=scaling.get("low_freq_factor", 1.0),
-        high_freq_factor=scaling.get("high_freq_factor", 4.0),
-        original_max_position_embeddings=scaling.get("original_max_position_embeddings", 8192),
+        raise ValueError(
+            f"{text.where}: unsupported {scaling.prefix}rope_type {rope_type!r} (expected 'llama3' or 'default')"
+        )
+    return theta, RopeScaling(
+        factor=scaling.number("factor", 8.0),
+        low_freq_factor=scaling.number("low_freq_factor", 1.0),
+        high_freq_factor=scaling.number("high_freq_factor", 4.0),
+        original_max_position_embeddings=scaling.integer(
+            "original_max_position_embeddings", 8192, high=2**24
+        ),
     )
+
+
+@contextmanager
+def _naming(source: str) -> Iterator[None]:
+    """Prefix the dataclasses' own checks (between fields) with the file they were read from."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 _INSTRUCT_EOS = (128001, 128008, 128009)

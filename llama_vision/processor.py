@@ -15,6 +15,14 @@ Differences from HF, on purpose:
   chat format writes it (HF moves leading image tokens in front of BOS);
 - rows are left-padded by default (what generation needs); positions count real tokens only, so a
   padded row gives the same logits as the row alone.
+
+Two ways in, on purpose: `chat_inputs(conversations)` (what `LlamaVision.chat/stream/generate` use)
+encodes message text as plain text, so special-token strings a user types stay text; `processor(text=...)`
+is the raw path for prompts written with special tokens on purpose (rendered templates, few-shot
+prompts): special-token strings in `text` are parsed. A prompt that cannot fit the context is refused
+before it is encoded when its length alone proves it (`Tokenizer.fewest_tokens`), so a 100 MB prompt
+fails in milliseconds; the config and the tokenizer are checked against each other when a processor is
+built (`validate.check_tokenizer`).
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ from typing import Any
 import torch
 
 from llama_vision.adapters.masks import cross_attention_mask
-from llama_vision.chat import collect_images, load_chat_template, render_chat
+from llama_vision.chat import chat_segments, collect_images, load_chat_template, render_chat
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.encoders.image_transform import load_image, pack_images, transform_image
 from llama_vision.tokenizer import Tokenizer
+from llama_vision.validate import check_tokenizer
 
 BOS_TEXT = "<|begin_of_text|>"
 
@@ -43,6 +52,7 @@ class Processor:
         chat_template: str | None = None,
         max_num_tiles: int | None = None,
     ) -> None:
+        check_tokenizer(config, tokenizer)
         self.tokenizer = tokenizer
         self.config = config
         self.chat_template = chat_template
@@ -56,18 +66,31 @@ class Processor:
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
-        """The prompt string for chat `messages` (the checkpoint's template if it ships one)."""
+        """The prompt string for chat `messages` (the checkpoint's template if it ships one), to look at.
+        `processor(text=...)` of it would parse special-token strings typed in the messages: encode chats
+        with `encode_chat` / `chat_inputs`."""
         return render_chat(
             messages, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template
         )
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the prompt for chat `messages`: the format's special tokens, message text as text."""
+        segments = chat_segments(
+            messages, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template
+        )
+        self._check_length(sum(len(s.text) for s in segments))
+        ids = [i for s in segments for i in self.tokenizer.encode(s.text, special=s.special)]
+        return self._finish(ids)
 
     def chat_inputs(
         self, conversations: Sequence[Sequence[dict[str, Any]]], **kwargs: Any
     ) -> dict[str, torch.Tensor]:
         """Model inputs for a batch of conversations; images come from the messages themselves."""
-        prompts = [self.apply_chat_template(messages) for messages in conversations]
+        rows = [self.encode_chat(messages) for messages in conversations]
         images = [collect_images(messages) for messages in conversations]
-        return self(text=prompts, images=images, **kwargs)
+        return self._inputs(rows, images, **kwargs)
 
     def __call__(
         self,
@@ -77,15 +100,30 @@ class Processor:
         max_num_tiles: int | None = None,
         padding_side: str = "left",
     ) -> dict[str, torch.Tensor]:
+        """Model inputs for raw prompts: special-token strings in `text` ("<|image|>", "<|eot_id|>") are
+        parsed. Use `chat_inputs` for text that comes from users."""
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("text must be a string or a non-empty list of strings")
+        rows = []
+        for prompt in prompts:
+            self._check_length(len(prompt))
+            rows.append(self._finish(self.tokenizer.encode(prompt)))
+        return self._inputs(rows, images, max_num_tiles=max_num_tiles, padding_side=padding_side)
+
+    def _inputs(
+        self,
+        rows: list[list[int]],
+        images: Any,
+        *,
+        max_num_tiles: int | None = None,
+        padding_side: str = "left",
+    ) -> dict[str, torch.Tensor]:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         max_num_tiles = self.max_num_tiles if max_num_tiles is None else max_num_tiles
         self._check_tiles(max_num_tiles)
 
-        rows = [self._encode(p) for p in prompts]
         counts = [row.count(self.config.image_token_id) for row in rows]
         per_row = _split_images(images, counts)
         out = self._pad(rows, padding_side)
@@ -107,8 +145,17 @@ class Processor:
             )
         return out
 
-    def _encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
+    def _check_length(self, num_chars: int) -> None:
+        """Refuse, before encoding, a prompt whose length alone proves it cannot fit the context."""
+        limit = self.config.text.max_position_embeddings
+        fewest = self.tokenizer.fewest_tokens(num_chars)
+        if fewest > limit:
+            raise ValueError(
+                f"prompt has {num_chars:,} characters, at least {fewest:,} tokens, more than the model's "
+                f"context of {limit:,}"
+            )
+
+    def _finish(self, ids: list[int]) -> list[int]:
         if self.tokenizer.bos_id not in ids:
             ids = [self.tokenizer.bos_id, *ids]
         limit = self.config.text.max_position_embeddings

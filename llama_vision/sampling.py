@@ -6,7 +6,8 @@ at temperature 0.6 and top-p 0.9, stopping on 128001, 128008 and 128009.
 
 `select` turns the float32 logits of the last position into the next token of every row, in the order
 Hugging Face applies its processors: repetition penalty, temperature, top-k, top-p, min-p. Temperature 0
-(or `do_sample: false` in generation_config.json) is greedy decoding: the argmax, with no randomness.
+(or `do_sample: false` in generation_config.json) is greedy decoding: the argmax, with no randomness;
+so is any temperature below 1e-6 (`MIN_TEMPERATURE`), whose division would overflow float32 logits.
 Top-p keeps the most probable tokens whose probability mass before them is at most p (Meta's
 `sample_top_p`), so the most probable token always survives.
 """
@@ -20,7 +21,10 @@ from typing import Any
 
 import torch
 
+from llama_vision.validate import Fields
 from llama_vision.weights import read_json
+
+MIN_TEMPERATURE = 1e-6  # smaller temperatures decode greedily (see GenerationConfig.greedy)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +50,8 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer from 0 to 2**64 - 1, got {self.seed!r}")
         _check_number("temperature", self.temperature, 0.0, math.inf)
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_number("min_p", self.min_p, 0.0, 1.0)
@@ -55,7 +59,9 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below MIN_TEMPERATURE the sampling distribution is one-hot in all but near-ties, and logits
+        # divided by it can overflow float32 (inf/nan probabilities): decode greedily there.
+        return self.temperature < MIN_TEMPERATURE
 
     def replace(self, **options: Any) -> GenerationConfig:
         """A copy with `options` changed; None values are ignored, unknown names are an error."""
@@ -66,24 +72,27 @@ class GenerationConfig:
         return replace(self, **{k: v for k, v in options.items() if v is not None})
 
     @classmethod
-    def from_hf(cls, data: dict[str, Any]) -> GenerationConfig:
-        """From a Hugging Face generation_config.json dict (do_sample false means greedy)."""
+    def from_hf(cls, data: dict[str, Any], source: str = "generation_config.json") -> GenerationConfig:
+        """From a Hugging Face generation_config.json dict (do_sample false means greedy); errors name
+        `source` and the field."""
+        f = Fields(data, source)
         options: dict[str, Any] = {}
-        if data.get("do_sample", False):
-            options["temperature"] = data.get("temperature", 1.0)
+        if f.flag("do_sample", False):
+            options["temperature"] = f.number("temperature", 1.0, low_open=False)
             # transformers adds top_k=50 when the file lists none; Meta's reference samples with top-p only
-            options["top_k"] = data.get("top_k") or 0
-            options["top_p"] = data.get("top_p", 1.0)
-            options["min_p"] = data.get("min_p") or 0.0
-        for key in ("max_new_tokens", "repetition_penalty"):
-            if data.get(key) is not None:
-                options[key] = data[key]
-        if data.get("eos_token_id") is not None:
-            options["eos_token_ids"] = data["eos_token_id"]
+            options["top_k"] = f.integer("top_k", 0, low=0, high=None)
+            options["top_p"] = f.number("top_p", 1.0, high=1.0)
+            options["min_p"] = f.number("min_p", 0.0, high=1.0, low_open=False)
+        if f.has("max_new_tokens"):
+            options["max_new_tokens"] = f.integer("max_new_tokens", high=None)
+        if f.has("repetition_penalty"):
+            options["repetition_penalty"] = f.number("repetition_penalty")
+        if f.has("eos_token_id"):
+            options["eos_token_ids"] = f.integers("eos_token_id", low=0, high=None, scalar=True)
         try:
             return cls(**options)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"bad generation_config.json: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> GenerationConfig:
@@ -91,8 +100,7 @@ class GenerationConfig:
         path = Path(directory) / "generation_config.json"
         if not path.is_file():
             return cls()
-        data = read_json(path)
-        return cls.from_hf(data)
+        return cls.from_hf(read_json(path), str(path))
 
 
 def select(

@@ -13,14 +13,21 @@ model's input ids. Non-obvious choices:
   table: ids 128000-128010 as Meta, 128011-128255 `<|reserved_special_token_2..246|>`, 128256
   `<|image|>`. Meta's reserved names are therefore shifted by one id (its `<|reserved_special_token_2|>`
   is 128012); reserved tokens are never used by the model.
-- Special-token strings inside the text are parsed as special tokens (Meta's `allowed_special="all"`),
-  because prompts rendered from a chat template contain them. Never pass untrusted text that must not
-  contain control tokens without escaping it first.
+- `encode(text, special=...)` says where the text comes from. `special=True` (the default, Meta's
+  `allowed_special="all"`) parses special-token strings into their ids: for prompts written by a chat
+  format or template, or by a caller who means them. `special=False` encodes every character as text,
+  special-token strings included (Meta's `allowed_special=set()`, which its `ChatFormat` uses for message
+  text): for anything that comes from users. Both backends agree on both; for `tokenizers` the plain path
+  runs a copy of tokenizer.json without its special added tokens.
 - `encode` never adds `<|begin_of_text|>` on its own (a tokenizer.json post-processor would); ask with
   `bos=True`, or let the chat template write it.
-- Meta's `Tokenizer.encode` cuts its input into pieces of at most 25,000 consecutive (non-)whitespace
-  characters, a workaround for old tiktoken crashes; that changes the ids of such long runs. We do not
-  copy it, so both backends agree with each other and with Hugging Face on every input.
+- Long inputs are cut into pieces exactly as Meta's `Tokenizer.encode` cuts them (slices of 400,000
+  characters, then no more than 25,000 consecutive whitespace or non-whitespace characters per piece)
+  and each piece is encoded alone, in both backends. This gives Meta's ids on every input and keeps both
+  libraries inside what they handle: tiktoken's regex runs out of backtracking stack on a million spaces,
+  and `tokenizers`' panics on ten million.
+- Text that is not well-formed Unicode (lone surrogates, which is how Python keeps undecodable bytes) is
+  encoded as tiktoken does it in both backends: lone surrogates become U+FFFD.
 - `id_to_token` / `token_to_id` use the byte-level spelling of tokenizer.json (GPT-2's byte-to-unicode
   map, "Ġhello" for " hello") for both backends.
 - Loading never touches the network: the ranks file is parsed here, not through tiktoken's download cache.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -67,6 +75,14 @@ _NAMED_SPECIAL = [
     EOT,
     PYTHON_TAG,
 ]
+# Meta's cutting of long inputs (llama_models/llama3/tokenizer.py): slices of this many characters ...
+SLICE_CHARS = 400_000
+# ... and within each, pieces of at most this many consecutive whitespace or non-whitespace characters.
+MAX_RUN_CHARS = 25_000
+# A run longer than MAX_RUN_CHARS, matched only from its first character (the lookbehinds) so that the
+# search stays linear in the text's length.
+_LONG_RUN = re.compile(rf"(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}|(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}")
+
 SPECIAL_TOKENS = [*_NAMED_SPECIAL, *(f"<|reserved_special_token_{i}|>" for i in range(2, 247)), IMAGE]
 _REQUIRED = (BOS, EOS, EOT, EOM, PAD, PYTHON_TAG, IMAGE, START_HEADER, END_HEADER)
 
@@ -128,9 +144,12 @@ class _TiktokenBackend:
         self.size = len(self.ranks) + len(self.special_tokens)
         self._bytes = {i: b for b, i in self.ranks.items()}
         self._special_names = {i: name for name, i in self.special_tokens.items()}
+        self.longest_token = max(max(map(len, self.ranks)), max(map(len, self.special_tokens)))
 
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode(text, allowed_special="all")
+    def encode(self, text: str, special: bool) -> list[int]:
+        if special:
+            return self.encoding.encode(text, allowed_special="all")
+        return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids, errors="replace")
@@ -159,10 +178,26 @@ class _HFBackend:
         added = self.tokenizer.get_added_tokens_decoder()
         self.special_tokens = {t.content: i for i, t in sorted(added.items()) if t.special}
         self.size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        # The same model and pre-tokenizer (shared, not copied) without the special added tokens, so
+        # "<|eot_id|>" in a text is encoded as the characters it is made of, as tiktoken's plain path does.
+        self.plain = tokenizers.Tokenizer(self.tokenizer.model)
+        self.plain.pre_tokenizer = self.tokenizer.pre_tokenizer
+        if self.tokenizer.normalizer is not None:
+            self.plain.normalizer = self.tokenizer.normalizer
+        self.plain.add_tokens([t for t in added.values() if not t.special])
+        # Byte-level spelling: one character per byte, so the longest spelling is the longest token.
+        self.longest_token = max(len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        # No post-processor: a hub tokenizer.json would prepend <|begin_of_text|> on its own.
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool) -> list[int]:
+        tokenizer = self.tokenizer if special else self.plain
+        try:
+            # No post-processor: a hub tokenizer.json would prepend <|begin_of_text|> on its own.
+            return tokenizer.encode(text, add_special_tokens=False).ids
+        except BaseException as e:
+            # A Rust panic arrives as pyo3's PanicException, which is not an Exception subclass.
+            if type(e).__name__ != "PanicException":
+                raise
+            raise ValueError(f"tokenizers failed on a text of {len(text)} characters: {e}") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -172,6 +207,28 @@ class _HFBackend:
 
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
+
+
+def well_formed(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD and surrogate pairs joined, as tiktoken does."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def pieces(text: str) -> list[str]:
+    """`text` cut where Meta's tokenizer cuts it (SLICE_CHARS, MAX_RUN_CHARS); usually `[text]`."""
+    out = []
+    for start in range(0, len(text), SLICE_CHARS):
+        part, cut = text[start : start + SLICE_CHARS], 0
+        for run in _LONG_RUN.finditer(part):
+            for at in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+                out.append(part[cut:at])
+                cut = at
+        out.append(part[cut:])
+    return out
 
 
 class Tokenizer:
@@ -214,12 +271,19 @@ class Tokenizer:
                 return cls.from_file(directory / name)
         raise ValueError(f"no tokenizer in {directory}: looked for {', '.join(names)}")
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings in it become their special ids."""
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
+        """Token ids of `text`. With `special` (the default) special-token strings in it become their
+        special ids; without, they are text like any other: use `special=False` for text from users."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        ids = self._backend.encode(text)
+        text = well_formed(text)
+        ids = [i for piece in pieces(text) for i in self._backend.encode(piece, special)]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def fewest_tokens(self, num_chars: int) -> int:
+        """A lower bound on the tokens of any text of `num_chars` characters (no token spans more
+        characters than the longest token has bytes), for refusing huge texts before encoding them."""
+        return -(-num_chars // self._backend.longest_token)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that do not form whole UTF-8 characters become U+FFFD."""

@@ -44,10 +44,12 @@ _NEW_LAYOUT = (
 def read_config(path: str | Path) -> LlamaVisionConfig:
     """The model configuration of a checkpoint directory in either layout."""
     path = _checkpoint_dir(path)
-    if (path / "config.json").is_file():
-        return LlamaVisionConfig.from_hf(read_json(path / "config.json"))
-    if (path / "params.json").is_file():
-        return LlamaVisionConfig.from_meta(read_json(path / "params.json"))
+    for name, read in (
+        ("config.json", LlamaVisionConfig.from_hf),
+        ("params.json", LlamaVisionConfig.from_meta),
+    ):
+        if (path / name).is_file():
+            return read(read_json(path / name), str(path / name))
     raise ValueError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout) found")
 
 
@@ -73,6 +75,8 @@ def load_checkpoint(
     else:
         raise ValueError(f"{path}: params.json found but no consolidated.NN.pth weights")
     state = _collect(model, tensors, torch.device(device), dtype, progress)
+    if dtype is None:
+        _one_dtype(state)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -98,6 +102,10 @@ def _collect(
                 f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, but the model's {ours!r} "
                 f"expects {expected[ours]}: the checkpoint does not match its config"
             )
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"checkpoint tensor {source!r} has dtype {tensor.dtype}; weights are floating point"
+            )
         state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
         if progress and (n % max(1, len(expected) // 50) == 0 or n == len(expected)):
             print(f"\rloading weights: {n}/{len(expected)} tensors", end="", file=sys.stderr, flush=True)
@@ -109,6 +117,18 @@ def _collect(
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
     return state
+
+
+def _one_dtype(state: dict[str, torch.Tensor]) -> None:
+    """Convert, in place, tensors stored in another dtype than most of the checkpoint's elements (one
+    float64 tensor among bfloat16 ones would make every product with it fail)."""
+    elements: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+    common = max(elements, key=elements.__getitem__, default=None)
+    for key, tensor in state.items():
+        if tensor.dtype != common:
+            state[key] = tensor.to(common)
 
 
 def hf_key(key: str) -> str:

@@ -150,7 +150,8 @@ def error_line(capsys) -> str:
         (["--max-new-tokens", "0"], 2, "max_new_tokens must be a positive integer"),
         (["--temperature", "warm"], 2, "invalid float value"),
         (["--max-tiles", "9"], 2, "--max-tiles"),
-        (["--dtype", "float8"], 2, "--dtype: invalid choice"),
+        (["--dtype", "float8"], 2, "--dtype: unknown dtype 'float8'"),
+        (["--device", "gpu"], 2, "--device: unknown device 'gpu'"),
         (["--device", "quantum"], 2, "unknown device"),
         (["--image", "no/such/file.png"], 1, "no such image file"),
     ],
@@ -218,7 +219,7 @@ def test_interrupt_is_quiet(
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "llama_vision.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "llama_vision", *args], capture_output=True, text=True, timeout=120
     )
 
 

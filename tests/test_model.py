@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from reference import randomize_
@@ -122,7 +124,7 @@ def test_adjacent_images_are_attended_jointly() -> None:
 
 
 def test_mask_rejects_wrong_image_counts() -> None:
-    with pytest.raises(ValueError, match="row 0: 1 <|image|> tokens but 2 images"):
+    with pytest.raises(ValueError, match=re.escape("row 0: 1 <|image|> tokens but 2 images")):
         cross_attention_mask([[1, IMG, 2]], [[1, 1]], IMG, 4)
 
 

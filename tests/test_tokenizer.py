@@ -88,12 +88,20 @@ def test_random_texts_match_meta(tok: Tokenizer, meta) -> None:
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_long_runs_agree_between_backends(tokenizers_by_backend: dict[str, Tokenizer], meta) -> None:
-    # Meta cuts runs longer than 25,000 (non-)whitespace characters before tokenizing; we do not.
-    text = "x " + " " * 30_000 + "y" * 30_000 + "\n" * 30_000
+def test_plain_text_matches_meta(tok: Tokenizer, meta) -> None:
+    # special=False: special-token strings are text, as Meta's ChatFormat encodes message text.
+    for text in [*CORPUS.values(), *_random_texts(100, seed=1)]:
+        ids = tok.encode(text, special=False)
+        assert ids == meta.encode(text, bos=False, eos=False, allowed_special=set()), repr(text)
+        assert not any(tok.is_special(i) for i in ids)
+        assert tok.decode(ids) == text
+
+
+def test_long_runs_cut_as_meta_cuts_them(tokenizers_by_backend: dict[str, Tokenizer], meta) -> None:
+    # Meta cuts runs longer than 25,000 (non-)whitespace characters, and slices of 400,000 characters.
+    text = "x " + " " * 30_000 + "y" * 30_000 + "\n" * 30_000 + "ab " * 140_000
     ids = tokenizers_by_backend["tiktoken"].encode(text)
-    assert ids == tokenizers_by_backend["hf"].encode(text)
-    assert ids != meta_ids(meta, text)
+    assert ids == tokenizers_by_backend["hf"].encode(text) == meta_ids(meta, text)
     assert tokenizers_by_backend["hf"].decode(ids) == text
 
 
