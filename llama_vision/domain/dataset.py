@@ -49,7 +49,10 @@ class Example:
     def messages(self, image: object) -> list[dict]:
         """The example as chat messages, the picture given as `image` (a path, or a PIL image)."""
         return [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": self.qa.question}]},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": self.qa.question}],
+            },
             {"role": "assistant", "content": self.qa.answer},
         ]
 

@@ -94,7 +94,9 @@ def describe(scene: Scene) -> str:
         for kind in SHAPES:
             n = groups.get((colour, kind), 0)
             if n:
-                parts.append(article(f"{colour} {kind}") if n == 1 else f"{NUMBER_WORDS[n]} {colour} {PLURALS[kind]}")
+                parts.append(
+                    article(f"{colour} {kind}") if n == 1 else f"{NUMBER_WORDS[n]} {colour} {PLURALS[kind]}"
+                )
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     sentence = f"{listed} on {article(scene.background)} background."
     return sentence[0].upper() + sentence[1:]
@@ -135,8 +137,13 @@ def ask(picture: Scene | TextPicture, kind: str, rng: random.Random) -> QA | Non
         which = rng.choice(("colour", "shape", "both"))
         colour = s.colour if s else rng.choice(tuple(COLOURS))
         shape = s.kind if s else rng.choice(SHAPES)
-        thing = {"colour": f"{colour} shapes", "shape": PLURALS[shape], "both": f"{colour} {PLURALS[shape]}"}[which]
-        n = sum((which == "shape" or t.colour == colour) and (which == "colour" or t.kind == shape) for t in shapes)
+        thing = {"colour": f"{colour} shapes", "shape": PLURALS[shape], "both": f"{colour} {PLURALS[shape]}"}[
+            which
+        ]
+        n = sum(
+            (which == "shape" or t.colour == colour) and (which == "colour" or t.kind == shape)
+            for t in shapes
+        )
         return QA(kind, template.format(thing=thing), str(n))
     if kind == "position":
         unique = [s for s in shapes if names[s.name] == 1]
@@ -166,7 +173,8 @@ def ask(picture: Scene | TextPicture, kind: str, rng: random.Random) -> QA | Non
         rng.shuffle(candidates)
         for colour, shape in candidates:
             found = any(
-                (which == "shape" or s.colour == colour) and (which == "colour" or s.kind == shape) for s in shapes
+                (which == "shape" or s.colour == colour) and (which == "colour" or s.kind == shape)
+                for s in shapes
             )
             if found == yes:
                 thing = {
