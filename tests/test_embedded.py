@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from llama_vision import LlamaVisionModel, save_checkpoint
+from llama_vision.chat import load_chat_template, render_chat
 from llama_vision.config import get_preset
 from llama_vision.domain import QUESTION_TYPES, VARIANTS, example
-from llama_vision.domain.corpus import SPECIAL_TOKENS, corpus
+from llama_vision.domain.corpus import SPECIAL_TOKENS, corpus, write_tokenizer
 from llama_vision.processor import Processor
 from llama_vision.tokenizer import IMAGE, Tokenizer
 
@@ -114,3 +115,42 @@ def test_accuracy_script_runs_on_a_checkpoint(tmp_path: Path, capsys: pytest.Cap
     for name in [*QUESTION_TYPES, *(f"robust: {v}" for v in VARIANTS)]:
         assert f"| {name}" in out
     assert "| colour | 1 |" in out
+
+
+MESSAGES = [
+    {"role": "system", "content": "Answer briefly."},
+    {
+        "role": "user",
+        "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "How many stars?"}],
+    },
+    {"role": "assistant", "content": "2"},
+    {"role": "tool", "content": "ok"},
+    {"role": "user", "content": "And circles?"},
+]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_writes_the_official_format(add_generation_prompt: bool) -> None:
+    template = load_chat_template(EMBEDDED)
+    assert template is not None
+    ours = render_chat(MESSAGES, add_generation_prompt=add_generation_prompt, chat_template=template)
+    assert ours == render_chat(MESSAGES, add_generation_prompt=add_generation_prompt)
+
+
+def test_transformers_reads_the_same_tokenizer(tokenizer: Tokenizer) -> None:
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(EMBEDDED)
+    assert len(theirs) == len(tokenizer) and theirs.pad_token_id == tokenizer.pad_id
+    prompt = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert prompt == render_chat(MESSAGES)
+    for i in range(40):
+        qa = example("eval", 1, i).qa
+        for text in (qa.question, qa.answer, prompt):
+            assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+
+
+@pytest.mark.slow
+def test_tokenizer_file_is_what_the_corpus_trains(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads((EMBEDDED / name).read_text()), name

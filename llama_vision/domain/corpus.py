@@ -36,6 +36,21 @@ DIGIT_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Meta's official chat format (llama_vision/chat.py writes the same without a template), for
+# transformers' apply_chat_template: a role "tool" is written "ipython", an image item "<|image|>".
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + ('ipython' if message['role'] == 'tool' else message['role'])"
+    " + '<|end_header_id|>\\n\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{{- '<|image|>' if item['type'] == 'image' else item['text'] -}}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
 BPE_TOKENS = 757  # + 11 special tokens = vocab_size 768; <|image|> = 768 (the corpus allows 909)
 
 
@@ -93,7 +108,7 @@ def train_tokenizer(bpe_tokens: int = BPE_TOKENS) -> tokenizers.Tokenizer:
 
 
 def write_tokenizer(directory: str | Path, bpe_tokens: int = BPE_TOKENS) -> Path:
-    """tokenizer.json and tokenizer_config.json in `directory` (made if missing); returns the first."""
+    """tokenizer.json and tokenizer_config.json (with the chat template) in `directory` (made if missing); returns the first."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(bpe_tokens)
@@ -106,6 +121,7 @@ def write_tokenizer(directory: str | Path, bpe_tokens: int = BPE_TOKENS) -> Path
         "model_max_length": 2048,
         "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"],
+        "chat_template": CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return directory / "tokenizer.json"
