@@ -1,5 +1,7 @@
 """Time of one training step of the embedded model (preset `embedded`) on this machine, and the
-training time that gives for a number of examples.
+training time that gives for a number of examples. On a shared machine the wall-clock figures say
+more about the other users than about the model; the CPU time per example, divided by the threads,
+is the estimate for an idle machine (an upper bound: contention slows each thread too).
 
 A step is what `llama-vision finetune` does per batch of a from-scratch run: the processor's inputs for
 a batch of domain examples, the logits, cross-entropy on the answer tokens (and `<|eot_id|>`), backward,
@@ -58,14 +60,15 @@ def main() -> None:
     model = LlamaVisionModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     batches = [batch_inputs(processor, s * args.batch, args.batch) for s in range(args.steps + 1)]
     prep = (time.perf_counter() - t0) / ((args.steps + 1) * args.batch)
+    prep_cpu = (time.process_time() - c0) / ((args.steps + 1) * args.batch)
 
-    times = []
+    times, cpu_times = [], []
     for i, inputs in enumerate(batches):
         labels = inputs.pop("labels")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits = model(**inputs)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
@@ -75,8 +78,11 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if i:  # the first step warms up allocators
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     step = sorted(times)[len(times) // 2]
     per_sample = step / args.batch
+    cpu_per_sample = sorted(cpu_times)[len(cpu_times) // 2] / args.batch
+    threads = torch.get_num_threads()
     tokens = batches[0]["input_ids"].shape[1]
     print(
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
@@ -84,10 +90,17 @@ def main() -> None:
     print(
         f"params {sum(p.numel() for p in model.parameters()):,}; batch {args.batch}, {tokens} tokens per row"
     )
-    print(f"median step {step * 1000:.0f} ms = {per_sample * 1000:.1f} ms per example (model)")
-    print(f"rendering + processing {prep * 1000:.1f} ms per example")
+    print(f"median step {step * 1000:.0f} ms = {per_sample * 1000:.1f} ms per example (model, wall clock)")
+    print(f"CPU time {cpu_per_sample * 1000:.1f} ms per example, all threads together")
+    print(
+        f"rendering + processing {prep * 1000:.1f} ms per example (wall clock), {prep_cpu * 1000:.1f} ms CPU"
+    )
     total = args.examples * (per_sample + prep)
-    print(f"{args.examples:,} examples: {total / 60:.1f} min (model + data on the same cores)")
+    print(f"{args.examples:,} examples: {total / 60:.1f} min at this load (model + data on the same cores)")
+    idle = args.examples * (cpu_per_sample / threads + prep_cpu)  # data preparation is one thread
+    print(
+        f"{args.examples:,} examples: about {idle / 60:.0f} min on an idle machine (CPU time / {threads} threads)"
+    )
 
 
 if __name__ == "__main__":
