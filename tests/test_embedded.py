@@ -16,6 +16,7 @@ from llama_vision.config import get_preset
 from llama_vision.domain import QUESTION_TYPES, VARIANTS, example
 from llama_vision.domain.corpus import SPECIAL_TOKENS, corpus, write_tokenizer
 from llama_vision.processor import Processor
+from llama_vision.sampling import GenerationConfig
 from llama_vision.tokenizer import IMAGE, Tokenizer
 
 ROOT = Path(__file__).parents[1]
@@ -40,6 +41,8 @@ def test_special_tokens_at_the_declared_ids(tokenizer: Tokenizer) -> None:
     assert tokenizer.token_to_id(IMAGE) == t.vocab_size
     config = json.loads((EMBEDDED / "tokenizer_config.json").read_text())
     assert tokenizer.token_to_id(config["eos_token"]) in t.eos_token_id
+    generation = GenerationConfig.from_dir(EMBEDDED)
+    assert generation.temperature == 0.0 and set(generation.eos_token_ids) == set(t.eos_token_id)
 
 
 def test_round_trips_every_domain_string(tokenizer: Tokenizer) -> None:
@@ -152,5 +155,5 @@ def test_transformers_reads_the_same_tokenizer(tokenizer: Tokenizer) -> None:
 @pytest.mark.slow
 def test_tokenizer_file_is_what_the_corpus_trains(tmp_path: Path) -> None:
     write_tokenizer(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert json.loads((tmp_path / name).read_text()) == json.loads((EMBEDDED / name).read_text()), name

@@ -108,7 +108,8 @@ def train_tokenizer(bpe_tokens: int = BPE_TOKENS) -> tokenizers.Tokenizer:
 
 
 def write_tokenizer(directory: str | Path, bpe_tokens: int = BPE_TOKENS) -> Path:
-    """tokenizer.json and tokenizer_config.json (with the chat template) in `directory` (made if missing); returns the first."""
+    """tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json (greedy)
+    in `directory` (made if missing); returns the first."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(bpe_tokens)
@@ -124,6 +125,16 @@ def write_tokenizer(directory: str | Path, bpe_tokens: int = BPE_TOKENS) -> Path
         "chat_template": CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    ids = {name: tok.token_to_id(name) for name in (BOS, EOS, EOM, EOT, PAD)}
+    generation = {  # greedy, stopping at the end of a turn or of the text, like an Instruct checkpoint
+        "bos_token_id": ids[BOS],
+        "eos_token_id": [ids[EOS], ids[EOM], ids[EOT]],
+        "pad_token_id": ids[PAD],
+        "do_sample": False,
+    }
+    (directory / "generation_config.json").write_text(
+        json.dumps(generation, indent=2) + "\n", encoding="utf-8"
+    )
     return directory / "tokenizer.json"
 
 
