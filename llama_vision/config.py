@@ -499,6 +499,33 @@ PRESETS: dict[str, LlamaVisionConfig] = {
             eos_token_id=_INSTRUCT_EOS,
         ),
     ),
+    # The embedded default model (llama_vision/embedded/): 112 px tiles of 8 x 8 patches, its own
+    # 768-token vocabulary (llama_vision/domain/corpus.py: <|image|> = 768, <|begin_of_text|> = 757).
+    "embedded": LlamaVisionConfig(
+        vision=VisionConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_global_layers=2,
+            attention_heads=4,
+            image_size=112,
+            intermediate_layers_indices=(1, 3),
+        ),
+        text=TextConfig(
+            vocab_size=768,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            cross_attention_layers=(1, 4),
+            bos_token_id=757,
+            eos_token_id=(758, 765, 766),
+            pad_token_id=761,
+        ),
+        image_token_id=768,
+    ),
 }
 
 

@@ -1,0 +1,124 @@
+"""Examples of the domain (a picture and one question with its answer) and datasets of them on disk.
+
+Example `index` of split `split` is drawn from `random.Random(f"{split}/{variant}/{seed}/{index}")`
+(Python seeds a `Random` from a string through SHA-512, the same on every machine and run). The split
+name is part of every seed, so the training and evaluation sets never share a seed whatever numbers
+are chosen: disjoint by construction. Question types take turns (`index % 8`), so any 500 consecutive
+examples hold 62 or 63 of each type.
+
+Variants, for the robustness rows of the accuracy table (never in training):
+- `large_canvas`: pictures 1.6 times as large with shapes of the training size in pixels (so, after the
+  processor scales the picture to its tiles, smaller shapes than any in training);
+- `speckled`: coloured salt-and-pepper noise instead of the training backgrounds;
+- `border`: one shape touching an edge of the picture;
+- `big_font`: text 0.36-0.45 of the tile side high, above the training range (0.16-0.30).
+
+A dataset is a JSONL file in the chat form the fine-tuning command reads, with PNG images beside it:
+
+    {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/000001.png"},
+                                               {"type": "text", "text": "How many stars are there?"}]},
+                  {"role": "assistant", "content": "2"}], "type": "count_of"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .questions import QA, QUESTION_TYPES, ask
+from .scenes import Scene, TextPicture, render, sample_scene, sample_text_picture
+
+SPLITS = ("train", "eval")
+VARIANTS = ("large_canvas", "speckled", "border", "big_font")
+SCENE_TYPES = tuple(t for t in QUESTION_TYPES if t != "text")
+
+
+@dataclass(frozen=True)
+class Example:
+    picture: Scene | TextPicture
+    qa: QA
+
+    def image(self) -> Image.Image:
+        return render(self.picture)
+
+    def messages(self, image: object) -> list[dict]:
+        """The example as chat messages, the picture given as `image` (a path, or a PIL image)."""
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": self.qa.question}],
+            },
+            {"role": "assistant", "content": self.qa.answer},
+        ]
+
+
+def example(split: str, seed: int, index: int, variant: str | None = None) -> Example:
+    """Example `index` of a split (and robustness variant), the same on every machine."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+    rng = random.Random(f"{split}/{variant}/{seed}/{index}")
+    if variant == "big_font":
+        kind = "text"
+    elif variant is not None:
+        kind = SCENE_TYPES[index % len(SCENE_TYPES)]
+    else:
+        kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    while True:  # draw pictures until one allows a question of this kind (a few tries at most)
+        if kind == "text":
+            sizes = (0.36, 0.45) if variant == "big_font" else None
+            picture = sample_text_picture(rng, **({"font_sizes": sizes} if sizes else {}))
+        else:
+            picture = sample_scene(
+                rng,
+                min_shapes=2 if kind == "position" else 1,
+                canvas_scale=1.6 if variant == "large_canvas" else 1.0,
+                background="speckled" if variant == "speckled" else None,
+                border=variant == "border",
+            )
+        qa = ask(picture, kind, rng)
+        if qa is not None:
+            return Example(picture, qa)
+
+
+def generate_dataset(
+    out_dir: str | Path, n: int, seed: int = 0, *, split: str = "train", variant: str | None = None
+) -> Path:
+    """Write n examples as `out_dir/{split}.jsonl` with images in `out_dir/img/`; returns the JSONL path."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    out_dir = Path(out_dir)
+    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    name = split if variant is None else f"{split}-{variant}"
+    path = out_dir / f"{name}.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            ex = example(split, seed, i, variant)
+            image = f"img/{name}-{i:06d}.png"
+            ex.image().save(out_dir / image)
+            record = {"messages": ex.messages(image), "type": ex.qa.type}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_vision.domain", description="Write a dataset of the embedded model's domain."
+    )
+    parser.add_argument("out_dir", help="folder for {split}.jsonl and img/")
+    parser.add_argument("--n", type=int, default=1000, help="number of examples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=SPLITS, default="train")
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help="a robustness variant (eval only)")
+    args = parser.parse_args(argv)
+    try:
+        path = generate_dataset(args.out_dir, args.n, args.seed, split=args.split, variant=args.variant)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"llama-vision: error: {e}\n")
+    print(path)
