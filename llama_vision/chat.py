@@ -36,7 +36,7 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER
+from .tokenizer import BOS, END_HEADER, EOS, EOT, IMAGE, START_HEADER
 
 # Role in the messages -> role written in the header.
 ROLES = {
@@ -97,12 +97,13 @@ def render_chat(
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
     bos_token: str = BOS,
+    eos_token: str = EOS,
 ) -> str:
     """The prompt for `messages`: the checkpoint's `chat_template` if given, else Meta's official format.
     `add_generation_prompt` ends it with an open assistant header for the model to complete."""
     validate_messages(messages)
     if chat_template is not None:
-        return _render_template(chat_template, messages, add_generation_prompt, bos_token)
+        return _render_template(chat_template, messages, add_generation_prompt, bos_token, eos_token)
 
     def header(role: str) -> str:
         return f"{START_HEADER}{role}{END_HEADER}\n\n"
@@ -179,7 +180,11 @@ def _plain(value: Any) -> Any:
 
 
 def _render_template(
-    template: str, messages: Sequence[Message], add_generation_prompt: bool, bos_token: str
+    template: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool,
+    bos_token: str,
+    eos_token: str = EOS,  # Llama 2 templates end each answer with it
 ) -> str:
     try:
         # tools/documents are passed as None: templates test `tools is not none`, which an undefined passes.
@@ -187,6 +192,7 @@ def _render_template(
             messages=_plain(list(messages)),
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
+            eos_token=eos_token,
             tools=None,
             documents=None,
         )
