@@ -117,7 +117,6 @@ class TextProcessor:
     def chat_ids(self, messages: Sequence[Message]) -> list[int]:
         """The prompt's token ids for chat `messages`, ending where the assistant's answer begins."""
         if self.format == "template":
-            message_texts(messages)  # the same checks as the built-in formats: no images
             return self._encode(self.apply_chat_template(messages))
         if self.format == "llama2":
             return llama2_prompt_ids(messages, self.tokenizer)
@@ -127,8 +126,9 @@ class TextProcessor:
         """The prompt as a string (special tokens spelled out)."""
         if self.format == "template":
             tok = self.tokenizer
+            texts = message_texts(messages)  # hub templates of text models expect string contents
             return render_chat(
-                messages,
+                [{**m, "content": text} for m, (_, text) in zip(messages, texts)],
                 add_generation_prompt=add_generation_prompt,
                 chat_template=self.chat_template,
                 bos_token=tok.id_to_token(tok.bos_id),
