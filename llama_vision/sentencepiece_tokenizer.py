@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llama_vision.tokenizer import _HFBackend, _TiktokenBackend
+from llama_vision.tokenizer import Tokenizer, _HFBackend, _TiktokenBackend
 
 SP_BOS, SP_EOS, SP_UNK = "<s>", "</s>", "<unk>"
 _LLAMA3_STOPS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
@@ -90,10 +90,13 @@ def _split_special(text: str, special: dict[str, int]) -> list[str]:
     return out
 
 
-class TextTokenizer:
-    """Text <-> ids for a text-only Llama checkpoint. Build with `from_dir` or `from_file`."""
+class TextTokenizer(Tokenizer):
+    """Text <-> ids for a text-only Llama checkpoint. Build with `from_dir` (tokenizer.json, else
+    tokenizer.model) or `from_file`. Shares `Tokenizer`'s lookups (`token_to_id`, `id_to_token`,
+    `is_special`, `len`); has its own files, special tokens, `encode` and `decode`."""
 
     def __init__(self, backend: _SentencePieceBackend | _HFBackend | _TiktokenBackend, path: Path) -> None:
+        # Not Tokenizer.__init__: that one requires the vision model's special tokens.
         self._backend = backend
         self.path = path
         self.special_tokens: dict[str, int] = dict(backend.special_tokens)
@@ -122,15 +125,6 @@ class TextTokenizer:
         if is_sentencepiece_file(path):
             return cls(_SentencePieceBackend(path), path)
         return cls(_TiktokenBackend(path), path)
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> TextTokenizer:
-        directory = Path(directory)
-        names = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
-        for name in names:
-            if (directory / name).is_file():
-                return cls.from_file(directory / name)
-        raise ValueError(f"no tokenizer in {directory}: looked for {', '.join(names)}")
 
     def encode(
         self, text: str, *, bos: bool = False, eos: bool = False, parse_special: bool = False
@@ -168,24 +162,6 @@ class TextTokenizer:
             return self._backend.decode(ids)
         text = _pieces_to_text([self._backend.id_to_token(i) or "" for i in ids])
         return text[1:] if strip_prefix_space and text.startswith(" ") else text
-
-    def token_to_id(self, token: str) -> int:
-        i = self._backend.token_to_id(token)
-        if i is None:
-            raise KeyError(f"unknown token {token!r}")
-        return i
-
-    def id_to_token(self, i: int) -> str:
-        token = self._backend.id_to_token(i) if 0 <= i < len(self) else None
-        if token is None:
-            raise KeyError(f"unknown token id {i}")
-        return token
-
-    def is_special(self, i: int) -> bool:
-        return i in self._special_ids
-
-    def __len__(self) -> int:
-        return self._backend.size
 
     def __repr__(self) -> str:
         return f"TextTokenizer({str(self.path)!r}, {len(self)} tokens)"
