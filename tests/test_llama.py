@@ -511,3 +511,27 @@ def test_config_errors() -> None:
     llama2 = LlamaConfig.from_meta({"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": -1}, 32000)
     assert llama2 == LLAMA_PRESETS["llama-2-7b"]
     assert LlamaConfig.from_hf(LLAMA_PRESETS["llama-3.2-1b"].to_hf()) == LLAMA_PRESETS["llama-3.2-1b"]
+
+
+def test_save_llama_loads_in_transformers(hf_checkpoint: tuple[Any, Path], tmp_path: Path) -> None:
+    from llama_vision.llama import save_llama
+
+    transformers = need("transformers")
+    hf, path = hf_checkpoint
+    save_llama(load_llama(path), tmp_path)
+    again = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(3, 30000, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_logits_close(again(input_ids=ids).logits.float(), hf(input_ids=ids).logits.float())
+
+
+def test_batch_equals_rows_alone(hf_checkpoint: tuple[Any, Path]) -> None:
+    _, path = hf_checkpoint
+    lv = LlamaVision.from_pretrained(path, background=False)
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "the llama answer, twice"}],
+    ]
+    options = dict(max_new_tokens=6, temperature=0.0, eos_token_ids=[])
+    together = lv.generate(conversations, **options)
+    assert together == [lv.chat(c, **options) for c in conversations]
