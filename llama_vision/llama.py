@@ -9,19 +9,19 @@ engine, the API and the CLI serve these models unchanged.
 
 What differs across the family is configuration only (`LlamaConfig`):
 
-| family      | heads / KV heads    | vocabulary        | RoPE theta | RoPE scaling  | eps  | context | tied |
-|-------------|---------------------|-------------------|------------|---------------|------|---------|------|
-| Llama 1     | MHA                 | 32,000 SentencePiece | 10,000  | none          | 1e-6 | 2,048   | no   |
-| Llama 2     | MHA (70B: GQA 64/8) | 32,000 SentencePiece | 10,000  | none          | 1e-5 | 4,096   | no   |
-| Llama 3     | GQA                 | 128,256 tiktoken  | 500,000    | none          | 1e-5 | 8,192   | no   |
-| Llama 3.1/3.3 | GQA               | 128,256           | 500,000    | llama3, x8    | 1e-5 | 131,072 | no   |
-| Llama 3.2 1B/3B | GQA             | 128,256           | 500,000    | llama3, x32   | 1e-5 | 131,072 | yes  |
+| family          | attention           | vocabulary            | RoPE theta | RoPE scaling | eps  | context | tied |
+|-----------------|---------------------|-----------------------|------------|--------------|------|---------|------|
+| Llama 1         | MHA                 | 32,000 SentencePiece  | 10,000     | none         | 1e-6 | 2,048   | no   |
+| Llama 2         | MHA (70B: GQA 64/8) | 32,000 SentencePiece  | 10,000     | none         | 1e-5 | 4,096   | no   |
+| Llama 3         | GQA                 | 128,256 tiktoken BPE  | 500,000    | none         | 1e-5 | 8,192   | no   |
+| Llama 3.1, 3.3  | GQA                 | 128,256               | 500,000    | llama3, x8   | 1e-5 | 131,072 | no   |
+| Llama 3.2 1B/3B | GQA                 | 128,256               | 500,000    | llama3, x32  | 1e-5 | 131,072 | yes  |
 
 Non-obvious choices:
 - `LlamaConfig` is a `TextConfig` whose `text` is itself and whose `vision` is None: code written for
   `LlamaVisionConfig` (`config.text.eos_token_id`, `config.vision is None`) reads it unchanged.
-- Tied checkpoints (Llama 3.2 1B/3B) store no `lm_head.weight`; the head is `embed_tokens`' parameter
-  itself, after loading too, so a transform that replaces one sees the other.
+- Tied checkpoints (Llama 3.2 1B/3B) store no `lm_head.weight`; the head's weight is `embed_tokens`'
+  parameter itself (one tensor in memory), after loading too; a stored copy is not read.
 - `head_dim` other than hidden_size / num_attention_heads, attention or MLP biases, and RoPE types other
   than `default` and `llama3` are no Llama checkpoint's; config.json files that ask for them are refused
   with the field's name rather than loaded into a different model.

@@ -425,8 +425,20 @@ META_PARAMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def meta_model() -> Any:
+# Llama 2 7B's params.json, shrunk: no rope_theta (10,000), vocab_size -1 (the tokenizer's 32,000).
+META_LLAMA2_PARAMS = {
+    "dim": 64,
+    "multiple_of": 32,
+    "n_heads": 4,
+    "n_layers": 2,
+    "norm_eps": 1e-5,
+    "vocab_size": -1,
+}
+
+
+def _meta_transformer(**params: Any) -> Any:
+    """Meta's llama3 `Transformer` in float32 with seeded random weights. With theta 10,000, no scaling
+    and multi-head attention it is Llama 2's model (the same layers, masks and RoPE)."""
     need("fairscale")
     need("llama_models.llama3")
     init_model_parallel()
@@ -436,16 +448,36 @@ def meta_model() -> Any:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        model = Transformer(ModelArgs(**META_PARAMS, max_seq_len=64, max_batch_size=2))
+        model = Transformer(ModelArgs(**params, max_seq_len=64, max_batch_size=2))
     finally:
         torch.set_default_dtype(previous)
     return randomize_(model.float(), seed=2).eval()
 
 
-def _write_meta(model: Any, out: Path, shards: int) -> Path:
+@pytest.fixture(scope="module")
+def meta_model() -> Any:
+    return _meta_transformer(**META_PARAMS)
+
+
+def test_llama2_meta_shards_equal_meta(sp_model: Path, tmp_path: Path) -> None:
+    model = _meta_transformer(**{**META_LLAMA2_PARAMS, "vocab_size": 32000, "rope_theta": 10000.0})
+    path = _write_meta(model, tmp_path / "meta2", 2, META_LLAMA2_PARAMS, sp_model)
+    config = read_llama_config(path)
+    assert (config.vocab_size, config.rope_theta, config.rope_scaling) == (32000, 10000.0, None)
+    assert config.max_position_embeddings == 4096 and config.bos_token_id == 1
+    ids = torch.randint(3, 32000, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert_logits_close(load_llama(path)(ids), model(ids, start_pos=0))
+
+
+def _write_meta(
+    model: Any, out: Path, shards: int, params: dict[str, Any] = META_PARAMS, tokenizer: Path | None = None
+) -> Path:
     """Meta's layout in `shards` model-parallel pieces: column-parallel weights split on dim 0, `wo`/`w2`
-    on dim 1, norms replicated, plus `rope.freqs` as the released files carry it."""
+    on dim 1, norms replicated, plus `rope.freqs` as the released files carry it. A Llama 1/2 model
+    (vocab_size -1 in params.json) splits `tok_embeddings` on dim 1, as fairscale's ParallelEmbedding."""
     out.mkdir(parents=True, exist_ok=True)
+    llama2 = params["vocab_size"] == -1
     state = model.state_dict()
     pieces: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     for key, tensor in state.items():
@@ -454,16 +486,18 @@ def _write_meta(model: Any, out: Path, shards: int) -> Path:
         if tensor.ndim == 1:
             parts = [tensor] * shards
         else:
-            parts = tensor.chunk(shards, dim=1 if key.endswith(("wo.weight", "w2.weight")) else 0)
+            by_width = key.endswith(("wo.weight", "w2.weight")) or (llama2 and key == "tok_embeddings.weight")
+            parts = tensor.chunk(shards, dim=1 if by_width else 0)
         for piece, part in zip(pieces, parts):
             piece[key] = part.clone()
-    head_dim = META_PARAMS["dim"] // META_PARAMS["n_heads"]
-    freqs = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    head_dim = params["dim"] // params["n_heads"]
+    theta = params.get("rope_theta", 10000.0)
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     for i, piece in enumerate(pieces):
         piece["rope.freqs"] = freqs
         torch.save(piece, out / f"consolidated.{i:02d}.pth")
-    (out / "params.json").write_text(json.dumps(META_PARAMS))
-    (out / "tokenizer.model").write_bytes(meta_tokenizer_path().read_bytes())
+    (out / "params.json").write_text(json.dumps(params))
+    (out / "tokenizer.model").write_bytes((tokenizer or meta_tokenizer_path()).read_bytes())
     return out
 
 
