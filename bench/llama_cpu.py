@@ -38,6 +38,7 @@ from reference import meta_tokenizer_path, randomize_  # noqa: E402
 
 from llama_vision import LlamaVision  # noqa: E402
 from llama_vision.llama import LLAMA_PRESETS  # noqa: E402
+from llama_vision.tokenizer import PRETOKENIZE_REGEX, SPECIAL_TOKENS  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -51,9 +52,32 @@ def write_checkpoint(out: Path, layers: int) -> None:
     randomize_(model, seed=0)
     model.tie_weights()
     model.save_pretrained(str(out))
-    (out / "tokenizer.model").write_bytes(meta_tokenizer_path().read_bytes())
+    write_tokenizer_json(out)
     del model
     gc.collect()
+
+
+def write_tokenizer_json(out: Path) -> None:
+    """Llama 3's tokenizer.json, converted from Meta's tokenizer.model by transformers' TikTokenConverter,
+    with the 256 special tokens of Llama 3.1+ (llama.cpp's converter reads this file)."""
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    tokenizer = TikTokenConverter(
+        vocab_file=str(meta_tokenizer_path()), pattern=PRETOKENIZE_REGEX
+    ).converted()
+    special = [*SPECIAL_TOKENS[:11], *(f"<|reserved_special_token_{i}|>" for i in range(2, 247))]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|end_of_text|>",
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
 
 
 def step_bytes(layers: int, element: int) -> int:
@@ -121,6 +145,23 @@ def convert_gguf(path: Path, outtype: str, script: Path) -> Path:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+    return out
+
+
+def quantize_gguf(path: Path, source: Path, kind: str) -> Path:
+    """llama.cpp's own quantizer (`llama_model_quantize`) from the f16 GGUF: q8_0 or q4_0."""
+    import ctypes
+
+    import llama_cpp
+
+    out = path / f"model-{kind}.gguf"
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[
+            kind
+        ]
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
     return out
 
 
@@ -202,6 +243,17 @@ def main() -> None:
             if name != "llama_vision":
                 o = results["llama_vision"]
                 print(f"{label}: ours / {name}: prompt {o[0] / p:.2f}x, decode {o[1] / d:.2f}x")
+
+    if have_llamacpp:  # no int8 / int4 path of ours on this branch: llama.cpp's alone, for reference
+        f16 = convert_gguf(path, "f16", args.convert_script)
+        for kind in ("q8_0", "q4_0"):
+            gguf = quantize_gguf(path, f16, kind)
+            bw = bandwidth()
+            prompt_tps, decode_tps, _ = run_llamacpp(gguf, prompt, args.new_tokens)
+            limit = bw / gguf.stat().st_size  # the file is the weights, each read once per step
+            rows.append(
+                (kind, f"llama.cpp {kind}", prompt_tps, decode_tps, 100 * decode_tps / limit, bw / 1e9, limit)
+            )
 
     print()
     print(
