@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -176,15 +177,24 @@ def run_llamacpp(gguf: Path, prompt: list[int], new: int) -> tuple[float, float,
     t = time.perf_counter()
     llm.eval(prompt)
     prompt_s = time.perf_counter() - t
-    tokens = [int(llm.scores[llm.n_tokens - 1].argmax())]
+    tokens = [_last_argmax(llm)]
     t = time.perf_counter()
     for _ in range(new):
         llm.eval([tokens[-1]])
-        tokens.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        tokens.append(_last_argmax(llm))
     decode_s = time.perf_counter() - t
     del llm
     gc.collect()
     return len(prompt) / prompt_s, new / decode_s, tokens
+
+
+def _last_argmax(llm: Any) -> int:
+    """Greedy token from the logits of the last evaluated position (llama.cpp keeps only that row)."""
+    import llama_cpp
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
 
 
 def main() -> None:
