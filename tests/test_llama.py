@@ -569,3 +569,21 @@ def test_batch_equals_rows_alone(hf_checkpoint: tuple[Any, Path]) -> None:
     options = dict(max_new_tokens=6, temperature=0.0, eos_token_ids=[])
     together = lv.generate(conversations, **options)
     assert together == [lv.chat(c, **options) for c in conversations]
+
+
+def test_sentencepiece_answer_text_equals_sentencepiece_decode(sp_model: Path) -> None:
+    """Streamed pieces of a Llama-2-style answer join to SentencePiece's decode of its tokens (no prefix
+    space at the start, every other word's space kept)."""
+    from llama_vision.generation import TextStream
+    from llama_vision.sentencepiece_tokenizer import TextTokenizer
+
+    spm = need("sentencepiece")
+    tokenizer = TextTokenizer.from_file(sp_model)
+    rng = random.Random(1)
+    pieces = [
+        tokenizer.token_to_id(p) for p in ("\u2581hello", "\u2581world", "\u2581the", "l", "\u2581llama")
+    ]
+    tokens = [rng.choice(pieces) for _ in range(12)] + tokenizer.encode(" 日本語🙂")
+    stream = TextStream(tokenizer)
+    text = "".join(stream.push(t) for t in tokens) + stream.flush()
+    assert text == spm.SentencePieceProcessor(model_file=str(sp_model)).decode(tokens)
