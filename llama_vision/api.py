@@ -25,10 +25,18 @@ from typing import Any
 
 import torch
 
+from llama_vision.chat_formats import TextProcessor
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.cpu_linear import use_blocked_linears
 from llama_vision.engine import Engine, LogitsProcessor
 from llama_vision.generation import Answer
+from llama_vision.llama import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    is_text_checkpoint,
+    load_llama,
+    read_llama_config,
+)
 from llama_vision.model import LlamaVisionModel
 from llama_vision.options import parse_dtype, usable_device
 from llama_vision.processor import Processor
@@ -43,8 +51,8 @@ class LlamaVision:
     """The model with its processor and engine. `engine_options` go to `Engine` (max_batch, max_length,
     max_images, max_cache_tokens, max_queue, queue_timeout, prefix_cache_bytes)."""
 
-    model: LlamaVisionModel
-    processor: Processor
+    model: LlamaVisionModel | LlamaForCausalLM  # the latter for text-only Llama checkpoints (llama.py)
+    processor: Processor | TextProcessor
     generation_config: GenerationConfig = field(default_factory=GenerationConfig)
     compile: bool = False
     engine_options: dict[str, Any] = field(default_factory=dict)
@@ -65,17 +73,23 @@ class LlamaVision:
         compile: bool = False,
         **engine_options: Any,
     ) -> LlamaVision:
-        """Load a checkpoint directory. `device` "cpu", "cuda", "cuda:1", "mps" or a torch device; `dtype`
-        a torch dtype or a name ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype;
-        `compile` compiles the decode step with torch.compile (each new batch and length bucket compiles
-        once, the first answers take longer). On the CPU the linear layers get the blocked few-row path
-        (cpu_linear.py). Other keywords are engine options (see the class)."""
+        """Load a checkpoint directory: Llama 3.2 Vision, or a text-only Llama (1 to 3.3) through the same
+        decoder. `device` "cpu", "cuda", "cuda:1", "mps" or a torch device; `dtype` a torch dtype or a
+        name ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype; `compile` compiles
+        the decode step with torch.compile (each new batch and length bucket compiles once, the first
+        answers take longer). On the CPU the linear layers get the blocked few-row path (cpu_linear.py).
+        Other keywords are engine options (see the class)."""
         device, dtype = usable_device(device), parse_dtype(dtype)
-        processor = Processor.from_dir(path, read_config(path))  # a missing tokenizer fails before loading
+        if is_text_checkpoint(path):  # Llama 1 to 3.3 text models: the same decoder without adapters
+            processor = TextProcessor.from_dir(path, read_llama_config(path))
+            load = load_llama
+        else:  # a missing tokenizer fails before loading
+            processor = Processor.from_dir(path, read_config(path))
+            load = load_checkpoint
         generation_config = GenerationConfig.from_dir(path)
         vocab, where = processor.config.text.vocab_size, str(Path(path) / "generation_config.json")
         check_generation_ids(generation_config.eos_token_ids, vocab, where)
-        model = load_checkpoint(path, device=device, dtype=dtype, progress=progress).eval()
+        model = load(path, device=device, dtype=dtype, progress=progress).eval()
         if model.device.type == "cpu":
             use_blocked_linears(model)
         return cls(model, processor, generation_config, compile, engine_options)
@@ -139,7 +153,7 @@ class LlamaVision:
                 answer.cancel()
 
     @property
-    def config(self) -> LlamaVisionConfig:
+    def config(self) -> LlamaVisionConfig | LlamaConfig:
         return self.model.config
 
     @property

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from llama_vision import template as jinja_template
-from llama_vision.tokenizer import BOS, END_HEADER, EOT, IMAGE, START_HEADER
+from llama_vision.tokenizer import BOS, END_HEADER, EOS, EOT, IMAGE, START_HEADER
 from llama_vision.validate import describe
 
 # Role in the messages -> role written in the header.
@@ -115,12 +115,14 @@ def chat_segments(
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
     bos_token: str = BOS,
+    eos_token: str = EOS,
 ) -> list[Segment]:
     """The prompt for `messages` in pieces: the checkpoint's `chat_template` if given, else Meta's official
-    format. `add_generation_prompt` ends it with an open assistant header for the model to complete."""
+    format. `add_generation_prompt` ends it with an open assistant header for the model to complete.
+    `eos_token` is for templates (Llama 2's end each answer with it)."""
     validate_messages(messages)
     if chat_template is not None:
-        return _template_segments(chat_template, messages, add_generation_prompt, bos_token)
+        return _template_segments(chat_template, messages, add_generation_prompt, bos_token, eos_token)
 
     def header(role: str) -> list[Segment]:
         return [
@@ -149,12 +151,13 @@ def render_chat(
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
     bos_token: str = BOS,
+    eos_token: str = EOS,
 ) -> str:
     """The prompt for `messages` as one string (to show it; `Processor.encode_chat` to encode it)."""
     validate_messages(messages)
     if chat_template is not None:
         plain = _plain(list(messages))
-        return _render(chat_template, plain, add_generation_prompt, bos_token, _text_chars(plain))
+        return _render(chat_template, plain, add_generation_prompt, bos_token, eos_token, _text_chars(plain))
     segments = chat_segments(messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token)
     return "".join(s.text for s in segments)
 
@@ -217,7 +220,12 @@ def _text_chars(value: Any) -> int:
 
 
 def _render(
-    template: str, messages: list, add_generation_prompt: bool, bos_token: str, text_chars: int
+    template: str,
+    messages: list,
+    add_generation_prompt: bool,
+    bos_token: str,
+    eos_token: str,
+    text_chars: int,
 ) -> str:
     # tools/documents are passed as None: templates test `tools is not none`, which an undefined passes.
     return jinja_template.render(
@@ -226,13 +234,14 @@ def _render(
         messages=messages,
         add_generation_prompt=add_generation_prompt,
         bos_token=bos_token,
+        eos_token=eos_token,
         tools=None,
         documents=None,
     )
 
 
 def _template_segments(
-    template: str, messages: Sequence[Message], add_generation_prompt: bool, bos_token: str
+    template: str, messages: Sequence[Message], add_generation_prompt: bool, bos_token: str, eos_token: str
 ) -> list[Segment]:
     """Render with markers in place of the message strings, split at them (module docstring)."""
     nonce = secrets.token_hex(8)
@@ -246,7 +255,9 @@ def _template_segments(
 
     truth = _plain(list(messages))
     chars = _text_chars(truth)
-    marked = _render(template, _plain(list(messages), mark), add_generation_prompt, bos_token, chars)
+    marked = _render(
+        template, _plain(list(messages), mark), add_generation_prompt, bos_token, eos_token, chars
+    )
     pieces = re.split(f"lv{nonce}m(\\d+)e", marked)
     parts, texts = pieces[0::2], [strings[int(k)] for k in pieces[1::2]]
     if any(nonce in part.lower() for part in parts):
@@ -255,7 +266,8 @@ def _template_segments(
             "template's special tokens; render the prompt yourself and pass it as processor(text=...)"
         )
     if texts:
-        spans = _align(_render(template, truth, add_generation_prompt, bos_token, chars), parts, texts)
+        rendered = _render(template, truth, add_generation_prompt, bos_token, eos_token, chars)
+        spans = _align(rendered, parts, texts)
         texts = texts if spans is None else spans
     segments = [Segment(parts[0], True)]
     for text, part in zip(texts, parts[1:]):

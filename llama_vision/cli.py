@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 
 from llama_vision.api import LlamaVision
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
+from llama_vision.llama import is_text_checkpoint, read_llama_config
 from llama_vision.options import DEVICE_NAMES, DTYPE_NAMES, parse_device, parse_dtype, usable_device
 from llama_vision.sampling import GenerationConfig
 from llama_vision.weights import read_config
@@ -168,7 +169,13 @@ def ask_command(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"argument --{name.replace('_', '-')}: {e}") from None
 
-    limit = read_config(args.model).vision.max_num_tiles  # a missing or broken checkpoint fails here
+    if is_text_checkpoint(args.model):  # a text-only Llama (llama.py): no images, no tiles
+        read_llama_config(args.model)  # a broken config fails here
+        if args.image or args.max_tiles is not None:
+            raise ValueError(f"{args.model} is a text-only model: it takes no --image or --max-tiles")
+        limit = None
+    else:
+        limit = read_config(args.model).vision.max_num_tiles  # a missing or broken checkpoint fails here
     if args.max_tiles is not None and args.max_tiles > limit:
         raise UsageError(
             f"argument --max-tiles: this model takes at most {limit} tiles, got {args.max_tiles}"

@@ -167,6 +167,8 @@ class TextConfig:
         object.__setattr__(self, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos))
         _check_positive(self, _TEXT_SIZES)
         ids = {"bos_token_id": (self.bos_token_id,), "pad_token_id": (self.pad_token_id,)}
+        if self.pad_token_id is None:  # text Llamas have none (their processor pads with a masked id)
+            del ids["pad_token_id"]
         for name, values in ids.items():
             if not all(is_int(i) and 0 <= i < self.num_embeddings for i in values):
                 _fail(type(self), f"{name} must be an id in 0..{self.num_embeddings - 1}, got {values[0]!r}")

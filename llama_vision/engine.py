@@ -254,8 +254,8 @@ class Engine:
         self.queue_timeout = queue_timeout
         self.background = background
         self.prefill_tokens_per_step = prefill_tokens_per_step
-        v = model.config.vision
-        self.image_tokens_per_image = v.max_num_tiles * v.num_patches
+        v = model.config.vision  # None for a text-only model: no image pool
+        self.image_tokens_per_image = 0 if v is None else v.max_num_tiles * v.num_patches
         self.prefixes = PrefixStore(prefix_cache_bytes)
         self.compilations = 0  # distinct step shapes met while compiled (each compiles once)
         # Totals since start, for metrics: seconds in prefills and decode steps, tokens they produced.
@@ -304,6 +304,8 @@ class Engine:
         (constrained decoding). Raises ValueError for a request that can never fit, QueueFull when the
         queue is full."""
         prompt, images = self._split(inputs)
+        if images is not None and self.model.config.vision is None:
+            raise ValueError("this is a text-only model: it takes no images")
         max_new = self._budget(len(prompt), config.max_new_tokens)
         if images is not None and images.pixel_values.shape[1] > self.max_images:
             raise ValueError(

@@ -123,6 +123,10 @@ class TextStream:
             return ""
         self.pending.append(token)
         piece = self.tokenizer.decode(self.pending)
+        if not self.text and getattr(self.tokenizer, "sentencepiece", False):
+            piece = piece.removeprefix(
+                " "
+            )  # SentencePiece spells an answer's first word with its prefix space
         if piece.endswith("\ufffd"):
             return ""  # a multi-byte character continues in the next token
         self.text += piece

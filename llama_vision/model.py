@@ -104,30 +104,17 @@ class TextDecoder(nn.Module):
         return rope_cos_sin(positions, self._inv_freq)
 
 
-class LlamaVisionModel(nn.Module):
-    def __init__(self, config: LlamaVisionConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.vision_model = VisionEncoder(config.vision)
-        self.multi_modal_projector = Projector(config.vision.vision_output_dim, config.text.hidden_size)
-        self.language_model = TextDecoder(config)
+class DecoderGeneration:
+    """Generation over a `TextDecoder` (`self.decoder`), for every model built around one: the engine asks
+    for a cache, prefills one request into a row, then steps every row. `LlamaVisionModel` (its
+    `language_model`) and the text-only `LlamaForCausalLM` (llama.py, its own decoder) share it.
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        aspect_ratio_ids: torch.Tensor | None = None,
-        aspect_ratio_mask: torch.Tensor | None = None,
-        cross_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32 for token ids (B, T); image inputs as the processor makes them."""
-        images = self.prepare_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
-        mask = self_attention_mask(attention_mask, input_ids.shape[1])
-        positions = token_positions(input_ids, attention_mask)
-        return self.language_model.logits(self.language_model(input_ids, positions, mask, images))
+    The decoder runs as `TextDecoder.forward(self.decoder, ...)` (hidden states) rather than
+    `self.decoder(...)`, because a text-only model is its own decoder and its `__call__` gives logits."""
 
-    # Generation: the engine asks for a cache, prefills one request into a row, then steps every row.
+    @property
+    def decoder(self) -> TextDecoder:
+        raise NotImplementedError
 
     def new_cache(self, batch: int, length: int, image_tokens: int) -> Cache:
         """A zeroed cache of `batch` rows of `length` tokens, with room for `image_tokens` image tokens
@@ -136,7 +123,7 @@ class LlamaVisionModel(nn.Module):
         layers: list[KVCache | None] = []
         image_kv = []
         dtype, device = self.dtype, self.device
-        for layer in self.language_model.model.layers:
+        for layer in self.decoder.model.layers:
             if isinstance(layer, CrossAttentionLayer):
                 attn = layer.cross_attn
                 if image_tokens:
@@ -167,9 +154,11 @@ class LlamaVisionModel(nn.Module):
         if start:  # a continued prefix: attend over the row's cache up to each own slot
             mask = (torch.arange(start + T, device=device)[None, :] <= slots[:, None])[None, None]
         context = None if images is None else images.rows(start, start + T)
-        h = self.language_model(input_ids, slots[None], mask, context, cache.row(row, start + T), slots)
+        h = TextDecoder.forward(
+            self.decoder, input_ids, slots[None], mask, context, cache.row(row, start + T), slots
+        )
         cache.set_images(row, images)
-        return self.language_model.logits(h[:, -1])
+        return self.decoder.logits(h[:, -1])
 
     def decode_step(
         self, tokens: torch.Tensor, slots: torch.Tensor, cache: Cache, length: int, image_tokens: int
@@ -183,8 +172,44 @@ class LlamaVisionModel(nn.Module):
         mask = (torch.arange(length, device=tokens.device)[None, :] <= slots[:, None])[
             :, None, None
         ]  # n 1 1 L
-        h = self.language_model(tokens[:, None], slots[:, None], mask, images, layers, slots)
-        return self.language_model.logits(h[:, 0])
+        h = TextDecoder.forward(self.decoder, tokens[:, None], slots[:, None], mask, images, layers, slots)
+        return self.decoder.logits(h[:, 0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.model.embed_tokens.weight.device
+
+
+class LlamaVisionModel(DecoderGeneration, nn.Module):
+    def __init__(self, config: LlamaVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionEncoder(config.vision)
+        self.multi_modal_projector = Projector(config.vision.vision_output_dim, config.text.hidden_size)
+        self.language_model = TextDecoder(config)
+
+    @property
+    def decoder(self) -> TextDecoder:
+        return self.language_model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32 for token ids (B, T); image inputs as the processor makes them."""
+        images = self.prepare_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        mask = self_attention_mask(attention_mask, input_ids.shape[1])
+        positions = token_positions(input_ids, attention_mask)
+        return self.language_model.logits(self.language_model(input_ids, positions, mask, images))
 
     def prepare_images(
         self,
@@ -223,14 +248,6 @@ class LlamaVisionModel(nn.Module):
             for layer in layers
             if isinstance(layer, CrossAttentionLayer)
         ]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.model.embed_tokens.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.language_model.model.embed_tokens.weight.device
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
