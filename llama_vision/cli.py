@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import torch
 
 from llama_vision.api import LlamaVision
+from llama_vision.cli_serve import add_serve_parser
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
 from llama_vision.sampling import GenerationConfig
 from llama_vision.weights import read_config
@@ -80,6 +81,7 @@ def build_parser() -> Parser:
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
     ask.set_defaults(run=ask_command)
+    add_serve_parser(commands)
     return parser
 
 
