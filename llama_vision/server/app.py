@@ -128,7 +128,7 @@ def create_app(
     return app
 
 
-@dataclass
+@dataclass(eq=False)  # runs are told apart by identity (a set holds those in flight)
 class _Run:
     """The choices of one request in flight: their answers, and the queue their reader threads fill."""
 
@@ -188,7 +188,7 @@ class _Server:
     def __init__(self, lv: LlamaVision, settings: Settings, media: MediaLoader) -> None:
         self.lv, self.settings, self.media = lv, settings, media
         stop_ids = sorted({*lv.config.text.eos_token_id, *lv.tokenizer.stop_ids})
-        self.grammars = Grammars(lv.tokenizer, stop_ids, lv.config.text.vocab_size)
+        self.grammars = Grammars(lv.tokenizer, stop_ids)
         self.metrics = Metrics(lv.engine.stats)
         self.started = int(time.time())
         self.draining = False

@@ -54,8 +54,8 @@ def token_bytes(tokenizer: Tokenizer, i: int) -> bytes:
 class Grammars:
     """The llguidance tokenizer of one `Tokenizer`, built on first use; compiles response formats."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int], vocab_size: int) -> None:
-        self.tokenizer, self.stop_ids, self.vocab_size = tokenizer, list(stop_ids), vocab_size
+    def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int]) -> None:
+        self.tokenizer, self.stop_ids = tokenizer, list(stop_ids)
         self._lock = threading.Lock()
         self._ll_tokenizer: Any = None
 
@@ -99,14 +99,14 @@ class Grammars:
             raise APIError(
                 400, f"response_format: unsupported JSON schema ({error})", param="response_format"
             )
-        return JsonConstraint(llg.LLMatcher(tokenizer, grammar, log_level=0), self.vocab_size, self.stop_ids)
+        return JsonConstraint(llg.LLMatcher(tokenizer, grammar, log_level=0), self.stop_ids)
 
 
 class JsonConstraint:
     """`logits_processor(tokens, logits)`: logits (V,) with every token the grammar forbids at -inf."""
 
-    def __init__(self, matcher: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
-        self.matcher, self.vocab_size, self.stop_ids = matcher, vocab_size, list(stop_ids)
+    def __init__(self, matcher: Any, stop_ids: Sequence[int]) -> None:
+        self.matcher, self.stop_ids = matcher, list(stop_ids)
         self.fed = 0  # tokens already given to the matcher
 
     def __call__(self, tokens: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
@@ -114,12 +114,11 @@ class JsonConstraint:
         for token in tokens[self.fed :]:
             m.consume_token(token)
         self.fed = len(tokens)
-        if (
-            m.is_error()
-        ):  # cannot happen for tokens it allowed; end the answer rather than go on unconstrained
+        if m.is_error():  # not for tokens it allowed; should it happen, end the answer, never go on free
             allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
             allowed[self.stop_ids] = True
         else:
             bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            allowed = torch.from_numpy(bits[: logits.shape[-1]].astype(bool))
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+            allowed = torch.from_numpy(bits[: logits.shape[-1]].view(bool))
+        # torch.where: several times faster than masked_fill(~allowed) on a (V,) CPU row here
+        return torch.where(allowed.to(logits.device), logits, float("-inf"))
