@@ -44,7 +44,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llama_vision.api import LlamaVision
 from llama_vision.engine import QueueFull
@@ -73,15 +73,13 @@ def create_app(
         yield
         server.shutdown()
 
-    app = FastAPI(
-        title="llama-vision", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
-    )  # fmt: skip
+    app = FastAPI(title="llama-vision", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
     app.add_exception_handler(APIError, lambda request, e: e.response())
     app.add_exception_handler(HTTPException, lambda request, e: _http_error(e, settings))
     app.add_exception_handler(Exception, _internal_error)
-    app.add_middleware(_Auth, keys=settings.api_keys)
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(_Auth, keys=settings.api_keys)  # added last, runs first: no key, no body read
     if settings.cors_origins:  # outermost, so that preflight requests (which carry no key) get answered
         app.add_middleware(
             CORSMiddleware,
@@ -449,6 +447,36 @@ class _Auth:
             message = "missing API key" if not header else "invalid API key"
             return await error_response(401, message, code="invalid_api_key")(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """ASGI middleware: a body over `limit` bytes is refused (413) from its Content-Length before it is
+    read, or as soon as the bytes received pass the limit (chunked bodies)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.error().response()(scope, receive, send)
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self.error()
+            return message
+
+        await self.app(scope, counted, send)
+
+    def error(self) -> APIError:
+        message = f"the request body is larger than this server's limit of {self.limit} bytes"
+        return APIError(413, message, code="request_too_large")
 
 
 def _http_error(error: HTTPException, settings: Settings) -> JSONResponse:

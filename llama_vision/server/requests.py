@@ -198,7 +198,7 @@ def _sampling(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
             400, "max_tokens and max_completion_tokens disagree; give one", param="max_completion_tokens"
         )
     options: dict[str, Any] = {
-        "max_new_tokens": max_completion or max_tokens or settings.default_max_tokens,
+        "max_new_tokens": max_completion or max_tokens or min(settings.default_max_tokens, limit),
         "temperature": _float(body, "temperature", 0.0, 2.0),
         "top_p": _float(body, "top_p", 0.0, 1.0),
         "min_p": _float(body, "min_p", 0.0, 1.0),

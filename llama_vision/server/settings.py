@@ -30,7 +30,7 @@ class Settings:
     max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
     max_prompt_tokens: int = 32_768
     max_tokens: int = 4096  # the most a request may ask for (max_tokens / max_completion_tokens)
-    default_max_tokens: int = 512  # when the request gives none
+    default_max_tokens: int = 512  # when the request gives none (at most max_tokens)
     max_n: int = 8
     request_timeout: float = 600.0  # seconds from arrival to the last token
     grace_period: float = 30.0  # on SIGTERM: how long running requests may take to finish
@@ -53,10 +53,6 @@ class Settings:
         for name in ("media_connect_timeout", "media_read_timeout", "request_timeout", "grace_period"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) is above max_tokens ({self.max_tokens})"
-            )
         if any(not key for key in self.api_keys):
             raise ValueError("an API key must not be empty")
         object.__setattr__(
