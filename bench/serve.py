@@ -10,7 +10,8 @@ Per concurrency level C: C client threads each send streamed requests back to ba
 requests (default 2 x C, at least 4) have finished. Reported: requests/s and aggregate completion
 tokens/s over the wall time of the level; time to first token (request sent -> first content chunk
 received) and per-token latency ((last chunk - first chunk) / (tokens - 1)) p50 and p95 over requests.
-Token counts come from the server's `usage` (stream_options.include_usage). Requests are greedy with
+Token counts come from the server's `usage` (stream_options.include_usage; `transformers serve` ignores
+it, so there an answer that ends by length counts max_tokens, as it has). Requests are greedy with
 `max_tokens` --max-tokens; a random model rarely emits an end-of-turn id, so answers are full length
 (the table shows the mean tokens per request).
 
@@ -50,6 +51,14 @@ from llama_vision.server import Settings, create_app  # noqa: E402
 from llama_vision.tokenizer import Tokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Meta's chat format (llama_vision/chat.py) as a jinja template, for `transformers serve`'s processor.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 
 @dataclass
@@ -70,7 +79,7 @@ def one_request(client: openai.OpenAI, model: str, i: int, image: str | None, ma
     content = [text] if image is None else [{"type": "image_url", "image_url": {"url": image}}, text]
     sent = time.perf_counter()
     stamps: list[float] = []
-    tokens = 0
+    tokens, finish = 0, None
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": content}],
@@ -82,8 +91,12 @@ def one_request(client: openai.OpenAI, model: str, i: int, image: str | None, ma
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
+    if not tokens:  # a server that ignores include_usage (transformers serve): a full-length answer
+        tokens = max_tokens if finish == "length" else len(stamps)
     if not stamps:
         raise RuntimeError(f"request {i} produced no text")
     per_token = (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else None
@@ -187,6 +200,7 @@ def hf_server(args: argparse.Namespace, folder: Path, port: int) -> subprocess.P
     for f in (folder / HF_PROCESSOR).iterdir():  # one folder: weights, config, processor and tokenizer
         if not (folder / f.name).exists() or f.suffix == ".json":
             (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # HF's processor needs one to chat
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--port", str(port),
                "--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1"]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(folder / "hf.log", "w"))
@@ -228,6 +242,9 @@ def main() -> None:
         try:
             wait_ready(f"http://127.0.0.1:{port}", process, Path(tmp) / "hf.log")
             theirs = run_all(f"http://127.0.0.1:{port}", tmp, args, "transformers")
+        except Exception:
+            print((Path(tmp) / "hf.log").read_text()[-3000:], file=sys.stderr)
+            raise
         finally:
             process.terminate()
             process.wait(30)
