@@ -278,6 +278,9 @@ def test_disconnect_frees_the_row(server: str, lv: LlamaVision) -> None:
 
 def test_models_health_ready_metrics(server: str, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}  # the one route without a key
     assert httpx.get(f"{server}/ready").status_code == 401
     assert httpx.get(f"{server}/ready", headers={"Authorization": "Bearer sk-second-key"}).status_code == 200

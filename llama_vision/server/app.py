@@ -98,15 +98,22 @@ def create_app(
             return error_response(503, "the server is shutting down", code="shutting_down")
         return JSONResponse({"status": "ready", "model": settings.model_name})
 
+    card = {
+        "id": settings.model_name,
+        "object": "model",
+        "created": server.started,
+        "owned_by": "llama-vision",
+    }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {
-            "id": settings.model_name,
-            "object": "model",
-            "created": server.started,
-            "owned_by": "llama-vision",
-        }
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != settings.model_name:
+            raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        return card
 
     @app.get("/metrics")
     async def metrics() -> Response:
