@@ -232,16 +232,10 @@ class _Server:
         return JSONResponse(self.completion(run, parsed, completion_id))
 
     def submit(self, parsed: ChatRequest) -> list[Answer]:
-        """In a worker thread: decode the images, check the prompt's length, queue the n choices."""
-        images = iter([self.media.load(url, param) for url, param in parsed.image_urls])
-        messages = [
-            {**m, "content": [{"type": "image", "image": next(images)} if p["type"] == "image" else p for p in m["content"]]}
-            if isinstance(m["content"], list) else m
-            for m in parsed.messages
-        ]  # fmt: skip
+        """In a worker thread: check the prompt's length, decode the images, queue the n choices."""
         lv = self.lv
-        try:
-            prompt = lv.processor.apply_chat_template(messages)
+        try:  # the image parts are placeholders here: the length is known before any image is decoded
+            prompt = lv.processor.apply_chat_template(parsed.messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         ids = lv.tokenizer.encode(prompt)
@@ -254,6 +248,12 @@ class _Server:
                 param="messages",
                 code="context_length_exceeded",
             )
+        images = iter([self.media.load(url, param) for url, param in parsed.image_urls])
+        messages = [
+            {**m, "content": [{"type": "image", "image": next(images)} if p["type"] == "image" else p for p in m["content"]]}
+            if isinstance(m["content"], list) else m
+            for m in parsed.messages
+        ]  # fmt: skip
         answers: list[Answer] = []
         try:
             for i in range(parsed.n):
@@ -342,10 +342,10 @@ class _Server:
                     return
                 answer = run.answers[index]
                 if piece is None:
-                    lp = self.logprobs(answer, sent[index], len(answer.token_ids))
+                    lp = self.logprobs(parsed, answer, sent[index], len(answer.token_ids))
                     yield chunk(index, {}, _finish_reason(answer), lp)
                     continue
-                lp = self.logprobs(answer, sent[index], tokens)
+                lp = self.logprobs(parsed, answer, sent[index], tokens)
                 sent[index] = max(sent[index], tokens)
                 yield chunk(index, {"content": piece}, None, lp)
             if parsed.include_usage:
@@ -361,7 +361,7 @@ class _Server:
             {
                 "index": i,
                 "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                "logprobs": self.logprobs(answer, 0, len(answer.token_ids)),
+                "logprobs": self.logprobs(parsed, answer, 0, len(answer.token_ids)),
                 "finish_reason": _finish_reason(answer),
             }
             for i, answer in enumerate(run.answers)
@@ -375,8 +375,9 @@ class _Server:
             "usage": self.usage(run),
         }
 
-    def logprobs(self, answer: Answer, start: int, end: int) -> dict[str, Any] | None:
-        if answer.request.top_logprobs is None:
+    def logprobs(self, parsed: ChatRequest, answer: Answer, start: int, end: int) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` of the answer's tokens start..end (None unless the request asked)."""
+        if parsed.logprobs is None:
             return None
         tokenizer = self.lv.tokenizer
 

@@ -204,7 +204,7 @@ def _sampling(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "min_p": _float(body, "min_p", 0.0, 1.0),
         "repetition_penalty": _float(body, "repetition_penalty", 0.0, 10.0),
         "top_k": _int(body, "top_k", None, 0, 1 << 20),
-        "seed": _int(body, "seed", None, -(1 << 63), (1 << 64) - 1),
+        "seed": _int(body, "seed", None, -(1 << 63), (1 << 63) - 1),  # int64, as OpenAI
     }
     if options["top_p"] == 0.0:
         options["top_p"], options["temperature"] = None, 0.0  # only the most probable token survives
