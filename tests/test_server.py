@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -311,3 +312,42 @@ def test_cors_closed_by_default_and_open_for_listed_origins(lv: LlamaVision, ser
         )
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
         assert httpx.get(f"{url}/v1/models", headers={"Origin": "https://app.example"}).status_code == 401
+
+
+def wait_idle(server: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while metric(server, "llama_vision_running_requests") != 0:
+        assert time.monotonic() < deadline, "the row was not freed"
+        time.sleep(0.05)
+
+
+def test_disconnect_of_a_plain_request_frees_the_row(server: str) -> None:
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 3500}
+    )
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    )
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(request.encode())
+        deadline = time.monotonic() + 10
+        while metric(server, "llama_vision_running_requests") != 1:
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.05)
+    wait_idle(server)  # the socket is closed: the server noticed and cancelled
+
+
+def test_request_timeout(lv: LlamaVision) -> None:
+    settings = Settings(model_name=MODEL, request_timeout=0.5, max_tokens=4000)
+    with running(create_app(lv, settings)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "Go on."}]
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3500)
+        assert caught.value.status_code == 503 and caught.value.code == "timeout"
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3500, stream=True)
+        with pytest.raises(openai.APIError, match="the request timed out"):  # an error event in the stream
+            list(stream)
+        wait_idle(url)
