@@ -18,9 +18,8 @@ it, so there an answer that ends by length counts max_tokens, as it has). Reques
 Built in-process, the model has random weights (the tests' scheme) made directly on --device in --dtype:
 an 11B model is never written or read. The engine gets `max_batch` = the highest concurrency, so every
 client's request decodes in one batch. `--hf` writes the same random weights as a hub checkpoint with
-HF's processor files and runs `transformers serve` (transformers 5.23, continuous batching off: its
-paged-attention path does not handle Mllama's cross-attention) in a subprocess with the same client
-loop, then prints the ratios; it needs the `test` extra.
+HF's processor files and runs `transformers serve` (transformers 5.23, its default settings:
+continuous batching off, not tried here with Mllama) in a subprocess with the same client loop, then prints the ratios; it needs the `test` extra and `accelerate` (transformers loads with it).
 """
 
 from __future__ import annotations
