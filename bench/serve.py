@@ -19,7 +19,8 @@ Built in-process, the model has random weights (the tests' scheme) made directly
 an 11B model is never written or read. The engine gets `max_batch` = the highest concurrency, so every
 client's request decodes in one batch. `--hf` writes the same random weights as a hub checkpoint with
 HF's processor files and runs `transformers serve` (transformers 5.23, its default settings:
-continuous batching off, not tried here with Mllama) in a subprocess with the same client loop, then prints the ratios; it needs the `test` extra and `accelerate` (transformers loads with it).
+continuous batching off, not tried here with Mllama) in a subprocess with the same client loop, then
+prints the ratios; it needs the `test` extra and `accelerate` (transformers loads with it).
 """
 
 from __future__ import annotations
