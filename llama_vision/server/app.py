@@ -287,22 +287,29 @@ class _Server:
         return answers
 
     async def wait(self, run: _Run, request: Request) -> None:
+        """Until every choice has ended; checks every POLL_SECONDS, pieces arriving or not, that the
+        client is still there and the request within its time."""
         deadline = run.arrived + self.settings.request_timeout
+        checked = time.monotonic()
         while not run.finished:
             try:
-                await run.next(min(deadline, time.monotonic() + POLL_SECONDS))
+                await run.next(min(deadline, checked + POLL_SECONDS))
             except TimeoutError:
-                if await request.is_disconnected():
-                    run.cancel()
-                    raise APIError(400, "the client disconnected", code="client_disconnected") from None
-                if time.monotonic() >= deadline:
-                    run.cancel()
-                    raise APIError(
-                        503, f"the request took more than {self.settings.request_timeout:g} s", code="timeout"
-                    ) from None
+                pass
             except Exception as e:
                 run.cancel()
                 raise _engine_error(e) from None
+            now = time.monotonic()
+            if run.finished or now < min(deadline, checked + POLL_SECONDS):
+                continue
+            checked = now
+            if await request.is_disconnected():
+                run.cancel()
+                raise APIError(400, "the client disconnected", code="client_disconnected")
+            if now >= deadline:
+                run.cancel()
+                message = f"the request took more than {self.settings.request_timeout:g} s"
+                raise APIError(503, message, code="timeout")
 
     async def events(self, run: _Run, parsed: ChatRequest, completion_id: str) -> AsyncIterator[bytes]:
         """The SSE stream: a role chunk per choice, content chunks, a finish chunk per choice, the usage
