@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from llama_vision.api import LlamaVision
+from llama_vision.cli_serve import add_serve_parser
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
 from llama_vision.llama import is_text_checkpoint, read_llama_config
 from llama_vision.options import DEVICE_NAMES, DTYPE_NAMES, parse_device, parse_dtype, usable_device
@@ -93,6 +94,7 @@ def build_parser() -> Parser:
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
     ask.set_defaults(run=ask_command)
+    add_serve_parser(commands)
     return parser
 
 
