@@ -24,7 +24,8 @@ ENV_KEY = "LLAMA_VISION_API_KEY"
 
 
 def add_serve_parser(commands: Any) -> None:
-    from llama_vision.cli import DTYPES, device
+    from llama_vision.cli import device, dtype
+    from llama_vision.options import DEVICE_NAMES, DTYPE_NAMES
 
     serve = commands.add_parser(
         "serve",
@@ -79,15 +80,16 @@ def add_serve_parser(commands: Any) -> None:
     limits.add_argument("--request-timeout", type=seconds, default=600.0, metavar="S")
     limits.add_argument("--grace-period", type=seconds, default=30.0, metavar="S", help="on SIGTERM")
     run = serve.add_argument_group("model")
-    run.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    run.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: as stored)")
+    run.add_argument("--device", type=device, default="cpu", help=f"{DEVICE_NAMES} (default: cpu)")
+    run.add_argument("--dtype", type=dtype, help=f"weight dtype: {DTYPE_NAMES} (default: as stored)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=serve_command)
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from llama_vision.cli import DTYPES, UsageError, check_device
+    from llama_vision.cli import UsageError
+    from llama_vision.options import usable_device
     from llama_vision.weights import read_config
 
     try:
@@ -124,7 +126,7 @@ def serve_command(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    check_device(args.device)
+    usable_device(args.device)
     if not keys and not _loopback(args.host):
         print(f"llama-vision: warning: listening on {args.host} without an API key", file=sys.stderr)
 
@@ -133,7 +135,7 @@ def serve_command(args: argparse.Namespace) -> int:
     lv = LlamaVision.from_pretrained(
         args.model,
         device=args.device,
-        dtype=None if args.dtype is None else DTYPES[args.dtype],
+        dtype=args.dtype,
         compile=args.compile,
         max_batch=args.max_batch,
         max_images=args.max_images_per_request,
