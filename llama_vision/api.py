@@ -51,12 +51,14 @@ class LlamaVision:
         dtype: torch.dtype | None = None,
         progress: bool = False,
         compile: bool = False,
+        quantize: str | None = None,
     ) -> LlamaVision:
         """Load a checkpoint directory. `dtype` None keeps the stored dtype; `compile` compiles the decode
-        step with torch.compile (the first answer then takes longer)."""
+        step with torch.compile (the first answer then takes longer); `quantize` "int8" or "int4"
+        quantizes the text and cross-attention weights while loading (torchao, quantize.py)."""
         processor = Processor.from_dir(path, read_config(path))  # a missing tokenizer fails before loading
         generation_config = GenerationConfig.from_dir(path)
-        model = load_checkpoint(path, device=device, dtype=dtype, progress=progress).eval()
+        model = load_checkpoint(path, device=device, dtype=dtype, progress=progress, quantize=quantize).eval()
         return cls(model=model, processor=processor, generation_config=generation_config, compile=compile)
 
     def chat(

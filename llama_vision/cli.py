@@ -78,6 +78,7 @@ def build_parser() -> Parser:
     run.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
     run.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: as stored)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    run.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (torchao)")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
     ask.set_defaults(run=ask_command)
     return parser
@@ -122,6 +123,7 @@ def ask_command(args: argparse.Namespace) -> int:
         dtype=None if args.dtype is None else DTYPES[args.dtype],
         progress=not args.quiet and sys.stderr.isatty(),
         compile=args.compile,
+        quantize=args.quantize,
     )
     for piece in lv.stream(
         conversation(args.prompt, images, args.system), max_num_tiles=args.max_tiles, **options

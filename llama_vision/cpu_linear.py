@@ -42,7 +42,7 @@ class BlockedLinear(nn.Linear):
 def use_blocked_linears(module: nn.Module) -> nn.Module:
     """Switch the linear layers below `module` to the blocked small-batch path, in place."""
     for layer in module.modules():
-        if type(layer) is nn.Linear:
+        if type(layer) is nn.Linear and type(layer.weight.data) is torch.Tensor:  # not quantized/DTensor
             layer.__class__ = BlockedLinear
     return module
 

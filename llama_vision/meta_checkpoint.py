@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from llama_vision.config import LlamaVisionConfig
-from llama_vision.reading import Concat, Source, TensorSource
+from llama_vision.reading import Concat, Source, TensorSource, release_pages
 
 _ROW_PARALLEL = re.compile(r"(attention\.wo|attn\.wo|feed_forward\.w2|mlp\.c_proj)\.weight$")
 _REPLICATED = re.compile(
@@ -102,10 +102,15 @@ class MergedShards(Mapping[str, torch.Tensor]):
         return key in self._key_set
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        """The merged tensor, copied out of the mapped files (whose pages it read are dropped)."""
         parts = [shard[key] for shard in self.shards]
         if len(parts) == 1 or _REPLICATED.search(key):
-            return parts[0]
-        return torch.cat(parts, dim=1 if _ROW_PARALLEL.search(key) else 0)
+            merged = parts[0].clone()
+        else:
+            merged = torch.cat(parts, dim=1 if _ROW_PARALLEL.search(key) else 0)
+        for part in parts:
+            release_pages(part)
+        return merged
 
     def source(self, key: str) -> Source:
         """The merged tensor as a source that is read shard by shard, never joined in memory."""

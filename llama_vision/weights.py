@@ -40,7 +40,14 @@ from torch import nn
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.meta_checkpoint import is_meta_checkpoint, load_meta_shards, meta_tensors
 from llama_vision.model import LlamaVisionModel
-from llama_vision.reading import Part, Source, TensorSource, safetensors_entries, sliced_shape
+from llama_vision.reading import (
+    Part,
+    Source,
+    TensorSource,
+    release_staging,
+    safetensors_entries,
+    sliced_shape,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -78,15 +85,22 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    quantize: str | None = None,
     hooks: Sequence[LoadHooks] = (),
 ) -> LlamaVisionModel:
     """Build the model on the meta device and fill it from a checkpoint directory.
 
-    `dtype` None keeps each tensor's stored dtype (bfloat16 for the official checkpoints). `hooks` run in
-    order: every `prepare`, then per tensor the first `part` that picks a slice and every `transform`.
+    `dtype` None keeps each tensor's stored dtype (bfloat16 for the official checkpoints). `quantize`
+    "int8" or "int4" quantizes the text and cross-attention linear weights as they are read (quantize.py).
+    `hooks` run in order: every `prepare`, then per tensor the first `part` that picks a slice and every
+    `transform`.
     """
     path = _checkpoint_dir(path)
     config = read_config(path)
+    if quantize is not None:
+        from llama_vision.quantize import quantize_hooks  # torchao is optional, imported only when asked
+
+        hooks = [*hooks, quantize_hooks(config, quantize)]
     with torch.device("meta"):
         model = LlamaVisionModel(config)
     if (path / "config.json").is_file():
@@ -98,7 +112,10 @@ def load_checkpoint(
     for hook in hooks:
         if hook.prepare is not None:
             hook.prepare(model)
-    _fill(model, tensors, torch.device(device), dtype, hooks, progress)
+    try:
+        _fill(model, tensors, torch.device(device), dtype, hooks, progress)
+    finally:
+        release_staging()
     return model.eval()
 
 
