@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from llama_vision import cli_estimate
 from llama_vision.api import LlamaVision
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
 from llama_vision.sampling import GenerationConfig
@@ -81,6 +82,7 @@ def build_parser() -> Parser:
     run.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (torchao)")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
     ask.set_defaults(run=ask_command)
+    cli_estimate.add_parser(commands)
     return parser
 
 
