@@ -127,7 +127,7 @@ class Engine:
         Compiled, the length is rounded up to a multiple of 128 and the last request's cache is reused
         (zeroed) when it fits exactly, so the compiled step, and its CUDA graphs, see the same buffers;
         a request running alongside another gets a cache of its own."""
-        t, model = self.model.config.text, self.model
+        model = self.model
         if self.compiled:
             length = -(-length // 128) * 128
             spare, self._spare_cache = self._spare_cache, None
@@ -141,7 +141,8 @@ class Engine:
             if isinstance(layer, CrossAttentionLayer):
                 cache.append(None)
                 continue
-            layer_cache = KVCache(batch, t.num_key_value_heads, length, t.head_dim, model.dtype, model.device)
+            attn = layer.self_attn  # its own head counts: a tensor-parallel rank holds Hkv / TP heads
+            layer_cache = KVCache(batch, attn.n_kv_heads, length, attn.head_dim, model.dtype, model.device)
             if self.compiled and model.device.type == "cuda":  # the graph reads the buffers in place
                 torch._dynamo.mark_static_address(layer_cache.k)
                 torch._dynamo.mark_static_address(layer_cache.v)
