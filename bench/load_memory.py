@@ -6,7 +6,8 @@ a bfloat16 model on the CPU.
 
 Each load runs in a fresh subprocess. After its imports (torch, and transformers for its side) the
 child resets the kernel's peak-RSS counter (`/proc/self/clear_refs` 5), notes its RSS, loads, and reads
-the peak back (`VmHWM`): exact, no sampling. The figures are peaks minus the RSS before loading,
+the peak back (`VmHWM`): exact, no sampling. The figures are peaks minus the RSS before loading
+(after torch's one-time imports for meta-device modules, which both loaders use),
 against the model's weights in bfloat16 (the issue's target: at most 1.1x): the peak of the load
 itself, and the peak once every weight has been read once after it (`tensor.sum()`), i.e. what a first
 forward pass finds. The second matters for transformers, which leaves bfloat16 weights of a bfloat16
@@ -106,6 +107,8 @@ def child(loader: str, path: Path) -> None:
         from llama_vision.weights import load_checkpoint
 
         load = lambda: load_checkpoint(path, dtype=torch.bfloat16)  # noqa: E731
+    with torch.device("meta"):  # torch's one-time cost of its first meta-device nn.Embedding (~150 MB of
+        torch.nn.Embedding(2, 2)  # Python modules it imports), paid by both loaders; not part of loading
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -9,7 +9,7 @@ the unquantized model is the reference; int8 and int4 quantize the text and cros
   (teacher forcing); the share of positions whose top-1 token equals the reference's, and the largest
   absolute logit difference next to the reference logits' own spread (standard deviation).
 - Memory: the bytes of every parameter, torchao's inner tensors (values, scales, zero points) included.
-- Decode: greedy tokens/s over `--new-tokens` steps after a 64-token text prompt, median of 3 runs,
+- Decode: greedy tokens/s over `--new-tokens` steps after a 64-token text prompt, median of 2 runs after a warm-up,
   through the engine (which keeps its blocked CPU path for the unquantized layers).
 
     python bench/quantize.py                       # about 2 minutes on 2 cores
@@ -48,7 +48,7 @@ def decode_speed(model: LlamaVisionModel, device: torch.device, new_tokens: int)
     ids = torch.randint(0, 128000, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
     config = GenerationConfig(max_new_tokens=new_tokens + 1, temperature=0.0, eos_token_ids=(-5,))
     speeds = []
-    for _ in range(4):  # the first is a warm-up
+    for _ in range(3):  # the first is a warm-up
         tokens = engine.tokens({"input_ids": ids}, config)
         next(tokens)  # prefill and the first token
         if device.type == "cuda":

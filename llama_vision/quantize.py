@@ -116,7 +116,14 @@ def quantize_hooks(config: LlamaVisionConfig, scheme: str, targets: Iterable[str
     torchao_config(scheme, torch.empty(1, 32, device="meta"))  # a missing torchao fails before any read
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return quantize_weight(tensor, scheme) if part_of(name, config) in targets else tensor
+        if part_of(name, config) not in targets:
+            return tensor
+        if type(tensor.data) is not torch.Tensor:
+            raise ValueError(
+                f"cannot quantize {name}: it is already a {type(tensor.data).__name__} (quantization together "
+                "with tensor parallelism is not supported)"
+            )
+        return quantize_weight(tensor, scheme)
 
     return LoadHooks(transform=transform)
 
