@@ -122,3 +122,16 @@ def test_fp32_checkpoint_loads_as_bf16_equal_to_cast(tmp_path: Path, small_chunk
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[name].bfloat16(), rtol=0, atol=0, msg=name)
     assert all(p.requires_grad for p in loaded.parameters())  # as load_state_dict(assign=True) kept them
+
+
+def test_two_threads_read_at_once(tmp_path: Path, small_chunks: None) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = {f"w{i}": torch.randn(64, 33) for i in range(2)}
+    save_file(tensors, tmp_path / "a.safetensors")
+    entries = safetensors_entries(tmp_path / "a.safetensors")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda e: [e.read(None, torch.float64) for _ in range(20)], entries))
+    for entry, reads in zip(entries, results):
+        for got in reads:
+            torch.testing.assert_close(got, tensors[entry.key].double(), rtol=0, atol=0)
