@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +72,27 @@ class LlamaVision:
         dtype: str | torch.dtype | None = None,
         progress: bool = False,
         compile: bool = False,
+        quantize: str | None = None,
         **engine_options: Any,
     ) -> LlamaVision:
         """Load a checkpoint directory: Llama 3.2 Vision, or a text-only Llama (1 to 3.3) through the same
         decoder. `device` "cpu", "cuda", "cuda:1", "mps" or a torch device; `dtype` a torch dtype or a
         name ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype; `compile` compiles
         the decode step with torch.compile (each new batch and length bucket compiles once, the first
-        answers take longer). On the CPU the linear layers get the blocked few-row path (cpu_linear.py).
-        Other keywords are engine options (see the class)."""
+        answers take longer); `quantize` "int8" or "int4" quantizes the text and cross-attention weights
+        while loading (torchao, quantize.py). On the CPU the linear layers get the blocked few-row path
+        (cpu_linear.py; quantized ones keep torchao's). Other keywords are engine options (see the class)."""
         device, dtype = usable_device(device), parse_dtype(dtype)
         if is_text_checkpoint(path):  # Llama 1 to 3.3 text models: the same decoder without adapters
+            if quantize is not None:
+                raise ValueError(
+                    "quantize is supported for Llama 3.2 Vision checkpoints only, not text-only ones"
+                )
             processor = TextProcessor.from_dir(path, read_llama_config(path))
             load = load_llama
         else:  # a missing tokenizer fails before loading
             processor = Processor.from_dir(path, read_config(path))
-            load = load_checkpoint
+            load = partial(load_checkpoint, quantize=quantize)
         generation_config = GenerationConfig.from_dir(path)
         vocab, where = processor.config.text.vocab_size, str(Path(path) / "generation_config.json")
         check_generation_ids(generation_config.eos_token_ids, vocab, where)

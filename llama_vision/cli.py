@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from llama_vision import cli_estimate
 from llama_vision.api import LlamaVision
 from llama_vision.cli_serve import add_serve_parser
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
@@ -92,9 +93,11 @@ def build_parser() -> Parser:
     run.add_argument("--device", type=device, default="cpu", help=f"{DEVICE_NAMES} (default: cpu)")
     run.add_argument("--dtype", type=dtype, help=f"weight dtype: {DTYPE_NAMES} (default: as stored)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    run.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (torchao)")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
     ask.set_defaults(run=ask_command)
     add_serve_parser(commands)
+    cli_estimate.add_parser(commands)
     return parser
 
 
@@ -191,6 +194,7 @@ def ask_command(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         progress=not args.quiet and sys.stderr.isatty(),
         compile=args.compile,
+        quantize=args.quantize,
     )
     for piece in lv.stream(
         conversation(prompt, images, args.system), max_num_tiles=args.max_tiles, **options

@@ -48,9 +48,10 @@ import torch
 from llama_vision.config import RopeScaling, TextConfig, _meta_ffn_dim, _read_hf_rope
 from llama_vision.meta_checkpoint import _interleaved_to_half, is_meta_checkpoint, load_meta_shards
 from llama_vision.model import DecoderGeneration, TextDecoder, token_positions
+from llama_vision.reading import release_staging
 from llama_vision.text import self_attention_mask
 from llama_vision.validate import Fields
-from llama_vision.weights import _checkpoint_dir, _collect, _hf_tensors, read_json
+from llama_vision.weights import _checkpoint_dir, _common_dtype, _fill, _hf_tensors, read_json
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -280,10 +281,15 @@ def load_llama(
         raise ValueError(f"{path}: params.json found but no consolidated.NN.pth weights")
     if config.tie_word_embeddings:
         tensors = _tied(tensors)
-    state = _collect(model, tensors, torch.device(device), dtype, progress)
-    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is None:
+        tensors = list(tensors)  # shapes and dtypes only: nothing is read yet
+        dtype = _common_dtype(tensors)
+    try:
+        _fill(model, tensors, torch.device(device), dtype, (), progress)
+    finally:
+        release_staging()
     if config.tie_word_embeddings:
-        model.tie_weights()  # assign=True gave the two names two parameters
+        model.tie_weights()  # the two names were filled as two parameters
     return model.eval()
 
 

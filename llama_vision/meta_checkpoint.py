@@ -14,7 +14,10 @@ What the conversion does (REFERENCE.md 1.9; same rules as HF's `convert_mllama_w
 - the tile position grids ([4, 4, n, D]) are expanded into one row per aspect-ratio id.
 
 Tensors are loaded with `torch.load(weights_only=True, mmap=True)`: no pickled code runs, and a
-tensor is read from disk only when its turn comes.
+tensor is read from disk only when its turn comes. Tensors that need no arithmetic come out as
+`reading.Source`s (shards joined by `Concat`, the embedding table with its learnable rows too), so the
+loader copies them piece by piece into the result and drops the mapped pages it has read; only the
+permuted q/k projections, the patch weight and the vision position tables are built in memory first.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from llama_vision.config import LlamaVisionConfig
+from llama_vision.reading import Concat, Source, TensorSource, release_pages
 
 _ROW_PARALLEL = re.compile(r"(attention\.wo|attn\.wo|feed_forward\.w2|mlp\.c_proj)\.weight$")
 _REPLICATED = re.compile(
@@ -92,12 +96,28 @@ class MergedShards(Mapping[str, torch.Tensor]):
                 diff = sorted(set(shard) ^ set(keys))[:5]
                 raise ValueError(f"consolidated.{i:02d}.pth holds different keys from shard 00, e.g. {diff}")
         self._keys = keys
+        self._key_set = set(keys)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would merge the tensor to find out
+        return key in self._key_set
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        """The merged tensor, copied out of the mapped files (whose pages it read are dropped)."""
         parts = [shard[key] for shard in self.shards]
         if len(parts) == 1 or _REPLICATED.search(key):
+            merged = parts[0].clone()
+        else:
+            merged = torch.cat(parts, dim=1 if _ROW_PARALLEL.search(key) else 0)
+        for part in parts:
+            release_pages(part)
+        return merged
+
+    def source(self, key: str) -> Source:
+        """The merged tensor as a source that is read shard by shard, never joined in memory."""
+        parts = [TensorSource(shard[key], mapped=True) for shard in self.shards]
+        if len(parts) == 1 or _REPLICATED.search(key):
             return parts[0]
-        return torch.cat(parts, dim=1 if _ROW_PARALLEL.search(key) else 0)
+        return Concat(parts, dim=1 if _ROW_PARALLEL.search(key) else 0)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -118,9 +138,10 @@ def load_meta_shards(path: Path) -> MergedShards:
 
 
 def meta_tensors(
-    state: Mapping[str, torch.Tensor], config: LlamaVisionConfig
-) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (Meta key, our key, tensor) for every tensor; our key is "" for keys we do not know."""
+    state: MergedShards, config: LlamaVisionConfig
+) -> Iterator[tuple[str, str, torch.Tensor | Source]]:
+    """Yield (Meta key, our key, tensor or source) for every tensor; our key is "" for keys we do not
+    know. Sources are read later, by the loader."""
     t = config.text
     cross = list(t.cross_attention_layers)
     self_layers = [i for i in range(t.num_hidden_layers) if i not in cross]
@@ -132,44 +153,44 @@ def meta_tensors(
 
 def _convert(
     key: str,
-    state: Mapping[str, torch.Tensor],
+    state: MergedShards,
     config: LlamaVisionConfig,
     self_layers: list[int],
     cross: list[int],
-) -> tuple[str, torch.Tensor]:
+) -> tuple[str, torch.Tensor | Source]:
     t, v = config.text, config.vision
     if key == "text_model.tok_embeddings.weight":
-        extra = state.get("text_model.learnable_embedding.weight")
-        if extra is None:
+        if "text_model.learnable_embedding.weight" not in state:
             raise ValueError("Meta checkpoint: text_model.learnable_embedding.weight is missing")
-        return "language_model.model.embed_tokens.weight", torch.cat([state[key], extra.to(state[key].dtype)])
+        extra = state.source("text_model.learnable_embedding.weight")
+        return "language_model.model.embed_tokens.weight", Concat([state.source(key), extra], dim=0)
     if key == "text_model.norm.weight":
-        return "language_model.model.norm.weight", state[key]
+        return "language_model.model.norm.weight", state.source(key)
     if key == "text_model.output.weight":
-        return "language_model.lm_head.weight", state[key]
+        return "language_model.lm_head.weight", state.source(key)
     if m := re.fullmatch(r"text_model\.layers\.(\d+)\.(.+)", key):
         i, rest = int(m[1]), m[2]
         if i >= len(self_layers) or rest not in _SELF_LAYER:
-            return "", state[key]
-        tensor = state[key]
+            return "", state.source(key)
+        name = f"language_model.model.layers.{self_layers[i]}.{_SELF_LAYER[rest]}"
         if rest in ("attention.wq.weight", "attention.wk.weight"):
             n_heads = t.num_attention_heads if rest == "attention.wq.weight" else t.num_key_value_heads
-            tensor = _interleaved_to_half(tensor, n_heads)
-        return f"language_model.model.layers.{self_layers[i]}.{_SELF_LAYER[rest]}", tensor
+            return name, _interleaved_to_half(state[key], n_heads)
+        return name, state.source(key)
     if m := re.fullmatch(r"text_model\.cross_attention_layers\.(\d+)\.(.+)", key):
         j, rest = int(m[1]), m[2]
         name = _CROSS_LAYER.get(rest)
         if j >= len(cross) or name is None:
-            return "", state[key]
-        return f"language_model.model.layers.{cross[j]}.{name}", state[key]
+            return "", state.source(key)
+        return f"language_model.model.layers.{cross[j]}.{name}", state.source(key)
     if key.startswith("vision_model.vision_projection."):
-        return "multi_modal_projector." + key.rsplit(".", 1)[1], state[key]
+        return "multi_modal_projector." + key.rsplit(".", 1)[1], state.source(key)
     prefix = "vision_model.vision_encoder."
     if not key.startswith(prefix):
-        return "", state[key]
+        return "", state.source(key)
     rest = key[len(prefix) :]
     if rest in _VISION:
-        return f"vision_model.{_VISION[rest]}", state[key]
+        return f"vision_model.{_VISION[rest]}", state.source(key)
     if rest == "conv1._linear.weight":
         w = state[key]
         return "vision_model.patch_embedding.weight", w.reshape(
@@ -185,8 +206,8 @@ def _convert(
         )
     if m := re.fullmatch(r"(transformer|global_transformer)\.resblocks\.(\d+)\.(.+)", rest):
         if m[3] in _VISION_LAYER:
-            return f"vision_model.{m[1]}.layers.{m[2]}.{_VISION_LAYER[m[3]]}", state[key]
-    return "", state[key]
+            return f"vision_model.{m[1]}.layers.{m[2]}.{_VISION_LAYER[m[3]]}", state.source(key)
+    return "", state.source(key)
 
 
 def _interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -8,9 +8,19 @@ Formats read:
 - Meta: `params.json` + `consolidated.NN.pth` (meta_checkpoint.py).
 
 The model is built on the meta device (no memory, no random initialisation), then every tensor is read
-once, lazily, converted to the requested dtype and device, and assigned. Pickled `.bin` files are never
+once, straight into the requested dtype and device (reading.py: plain reads in chunks of 64 MiB, no
+memory map held, so resident memory grows by the loaded weights and little more; on a GPU the model is
+never staged in host memory), and assigned to its module at once. Pickled `.bin` files are never
 unpickled; Meta's `.pth` files are read with `weights_only=True`. Any missing, unexpected, duplicated or
 mis-shaped tensor is an error that names the key and the shapes.
+
+`LoadHooks` let a transform take part in loading, without the loader knowing what it does:
+- `prepare(model)` runs on the meta-device model before any weight is read (swap or wrap modules,
+  set per-rank head counts);
+- `part(name, shape)` picks the slice (dim, start, stop) of a checkpoint tensor to read, so a
+  tensor-parallel rank reads only its shard;
+- `transform(name, tensor)` is applied to each tensor as soon as it is read (quantize it, wrap the
+  shard in a DTensor), so the unquantized model never exists as a whole.
 
 Format written: the Hugging Face hub layout, which transformers loads.
 """
@@ -18,17 +28,27 @@ Format written: the Hugging Face hub layout, which transformers loads.
 from __future__ import annotations
 
 import json
+import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.meta_checkpoint import is_meta_checkpoint, load_meta_shards, meta_tensors
 from llama_vision.model import LlamaVisionModel
+from llama_vision.reading import (
+    Part,
+    Source,
+    TensorSource,
+    release_staging,
+    safetensors_entries,
+    sliced_shape,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -53,19 +73,37 @@ def read_config(path: str | Path) -> LlamaVisionConfig:
     raise ValueError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout) found")
 
 
+@dataclass(frozen=True)
+class LoadHooks:
+    """What a transform adds to loading; every field is optional (see the module docstring)."""
+
+    prepare: Callable[[LlamaVisionModel], None] | None = None
+    part: Callable[[str, tuple[int, ...]], Part | None] | None = None
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+
 def load_checkpoint(
     path: str | Path,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    quantize: str | None = None,
+    hooks: Sequence[LoadHooks] = (),
 ) -> LlamaVisionModel:
     """Build the model on the meta device and fill it from a checkpoint directory.
 
-    `dtype` None keeps each tensor's stored dtype (bfloat16 for the official checkpoints).
+    `dtype` None keeps each tensor's stored dtype (bfloat16 for the official checkpoints). `quantize`
+    "int8" or "int4" quantizes the text and cross-attention linear weights as they are read (quantize.py).
+    `hooks` run in order: every `prepare`, then per tensor the first `part` that picks a slice and every
+    `transform`.
     """
     path = _checkpoint_dir(path)
     config = read_config(path)
+    if quantize is not None:
+        from llama_vision.quantize import quantize_hooks  # torchao is optional, imported only when asked
+
+        hooks = [*hooks, quantize_hooks(config, quantize)]
     with torch.device("meta"):
         model = LlamaVisionModel(config)
     if (path / "config.json").is_file():
@@ -74,61 +112,88 @@ def load_checkpoint(
         tensors = meta_tensors(load_meta_shards(path), config)
     else:
         raise ValueError(f"{path}: params.json found but no consolidated.NN.pth weights")
-    state = _collect(model, tensors, torch.device(device), dtype, progress)
-    if dtype is None:
-        _one_dtype(state)
-    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is None:  # one stored dtype for all (a float64 tensor among bfloat16 ones breaks products)
+        tensors = list(tensors)  # their shapes and dtypes only: nothing is read yet
+        dtype = _common_dtype(tensors)
+    for hook in hooks:
+        if hook.prepare is not None:
+            hook.prepare(model)
+    try:
+        _fill(model, tensors, torch.device(device), dtype, hooks, progress)
+    finally:
+        release_staging()
     return model.eval()
 
 
-def _collect(
-    model: LlamaVisionModel,
-    tensors: Iterable[tuple[str, str, torch.Tensor]],
+def _fill(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, str, torch.Tensor | Source]],
     device: torch.device,
     dtype: torch.dtype | None,
+    hooks: Sequence[LoadHooks],
     progress: bool,
-) -> dict[str, torch.Tensor]:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
+) -> None:
+    """Read every tensor and assign it to its module as it comes, so nothing is held twice."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # global shapes under TP too
+    done: set[str] = set()
     unexpected = []
-    for n, (source, ours, tensor) in enumerate(tensors, start=1):
+    for n, (key, ours, tensor) in enumerate(tensors, start=1):
         if ours not in expected:
-            unexpected.append(source)
+            unexpected.append(key)
             continue
-        if ours in state:
-            raise ValueError(f"checkpoint holds {ours!r} twice (second time as {source!r})")
+        if ours in done:
+            raise ValueError(f"checkpoint holds {ours!r} twice (second time as {key!r})")
         if tuple(tensor.shape) != expected[ours]:
             raise ValueError(
-                f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, but the model's {ours!r} "
+                f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, but the model's {ours!r} "
                 f"expects {expected[ours]}: the checkpoint does not match its config"
             )
-        if not tensor.is_floating_point():
+        source = tensor if isinstance(tensor, Source) else TensorSource(tensor)
+        if not source.dtype.is_floating_point:
             raise ValueError(
-                f"checkpoint tensor {source!r} has dtype {tensor.dtype}; weights are floating point"
+                f"checkpoint tensor {key!r} has dtype {source.dtype}; weights are floating point"
             )
-        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        part = next((p for h in hooks if h.part is not None and (p := h.part(ours, expected[ours]))), None)
+        sliced_shape(expected[ours], part)  # a bad slice fails here, naming it
+        value = source.read(part, dtype or source.dtype, device)
+        for hook in hooks:
+            if hook.transform is not None:
+                value = hook.transform(ours, value)
+        _assign(model, ours, value)
+        done.add(ours)
         if progress and (n % max(1, len(expected) // 50) == 0 or n == len(expected)):
             print(f"\rloading weights: {n}/{len(expected)} tensors", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     if unexpected:
         raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}")
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in done]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
-    return state
 
 
-def _one_dtype(state: dict[str, torch.Tensor]) -> None:
-    """Convert, in place, tensors stored in another dtype than most of the checkpoint's elements (one
-    float64 tensor among bfloat16 ones would make every product with it fail)."""
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the meta tensor `name`; a plain tensor keeps the parameter's requires_grad,
+    a tensor subclass (quantized) gets none unless the transform made it a Parameter itself."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    old = module._parameters.get(leaf)
+    if old is None:
+        module._buffers[leaf] = value
+    elif isinstance(value, nn.Parameter):
+        module._parameters[leaf] = value
+    else:
+        trainable = old.requires_grad and type(value) is torch.Tensor and value.is_floating_point()
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=trainable)
+
+
+def _common_dtype(tensors: Sequence[tuple[str, str, torch.Tensor | Source]]) -> torch.dtype | None:
+    """The floating dtype holding most of the checkpoint's elements; tensors stored otherwise convert."""
     elements: dict[torch.dtype, int] = {}
-    for tensor in state.values():
-        elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
-    common = max(elements, key=elements.__getitem__, default=None)
-    for key, tensor in state.items():
-        if tensor.dtype != common:
-            state[key] = tensor.to(common)
+    for _, _, tensor in tensors:
+        if tensor.dtype.is_floating_point:
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + math.prod(tensor.shape)
+    return max(elements, key=elements.__getitem__, default=None)
 
 
 def hf_key(key: str) -> str:
@@ -143,16 +208,10 @@ def hf_key(key: str) -> str:
     return key
 
 
-def _hf_tensors(path: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
+def _hf_tensors(path: Path) -> Iterator[tuple[str, str, Source]]:
     for file in _safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, hf_key(key), f.get_tensor(key)
-        except ValueError:
-            raise
-        except Exception as err:  # safetensors reports a truncated or corrupt file this way
-            raise ValueError(f"cannot read {file}: {err}") from err
+        for entry in safetensors_entries(file):
+            yield entry.key, hf_key(entry.key), entry
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -75,9 +75,11 @@ def test_load_options(checkpoint: Path, loaded: list[dict], capsys) -> None:
     assert ask(checkpoint, "--max-new-tokens", "1", "Hi") == 0
     assert ask(checkpoint, "--dtype", "bfloat16", "--compile", "--max-new-tokens", "1", "Hi") == 0
     assert loaded == [
-        dict(device="cpu", dtype=None, progress=False, compile=False),
-        dict(device="cpu", dtype=torch.bfloat16, progress=False, compile=True),
+        dict(device="cpu", dtype=None, progress=False, compile=False, quantize=None),
+        dict(device="cpu", dtype=torch.bfloat16, progress=False, compile=True, quantize=None),
     ]
+    assert ask(checkpoint, "--quantize", "int8", "--max-new-tokens", "1", "Hi") == 0
+    assert loaded[-1]["quantize"] == "int8"
 
 
 def test_several_images_in_order_and_system(

@@ -1,0 +1,97 @@
+"""`llama-vision estimate`: the memory planner (memory.py) on the command line.
+
+    llama-vision estimate --model llama-3.2-11b-vision-instruct --dtype bfloat16 --max-tiles 4 --images 1 \
+        --context 8192 --batch 1 [--quant int8|int4] [--tp N] [--mode lora|qlora|full|adapters]
+
+`--model` is a preset name (config.py) or a checkpoint directory, of which only the config is read.
+Prints each part per device in GiB and which GPU sizes hold it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from llama_vision.config import PRESETS, LlamaVisionConfig
+from llama_vision.memory import GPU_SIZES_GB, MODES, RUNTIME_RESERVE, GiB, estimate
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LABELS = {
+    "weights": "weights",
+    "kv_cache": "kv cache (self-attention)",
+    "image_kv": "image keys/values",
+    "activations": "activations (peak)",
+    "gradients": "gradients",
+    "optimizer": "optimizer state (AdamW)",
+    "total": "total",
+}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "estimate",
+        help="how much memory a model needs, per device",
+        description="Estimate the memory a model needs for inference or fine-tuning, per device.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME_OR_DIR",
+        help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and activation dtype")
+    p.add_argument("--max-tiles", type=int, metavar="N", help="tiles per image (default: the model's)")
+    p.add_argument("--images", type=int, default=1, metavar="N", help="images per sequence (default 1)")
+    p.add_argument(
+        "--context", type=int, default=8192, metavar="T", help="prompt + new tokens (default 8192)"
+    )
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences at once (default 1)")
+    p.add_argument("--quant", choices=("int8", "int4"), help="weight-only quantization")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel devices (default 1)")
+    p.add_argument("--mode", choices=MODES, help="fine-tuning instead of inference")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where int4 runs (its layout)")
+    p.set_defaults(run=run)
+
+
+def model_config(name: str) -> LlamaVisionConfig:
+    if name in PRESETS:
+        return PRESETS[name]
+    if Path(name).is_dir():
+        from llama_vision.weights import read_config
+
+        return read_config(name)
+    raise ValueError(f"--model {name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = model_config(args.model)
+    e = estimate(
+        config,
+        dtype=DTYPES[args.dtype],
+        max_tiles=args.max_tiles,
+        images=args.images,
+        context=args.context,
+        batch=args.batch,
+        quant=args.quant,
+        tp=args.tp,
+        mode=args.mode,
+        device=args.device,
+    )
+    tiles = args.max_tiles or config.vision.max_num_tiles
+    what = f"fine-tuning ({args.mode})" if args.mode else "inference"
+    quant = f", {args.quant} weights" if args.quant or args.mode == "qlora" else ""
+    print(
+        f"{args.model}: {what}, {args.dtype}{quant}, {args.images} image(s) x {tiles} tiles, "
+        f"context {args.context}, batch {args.batch}, per device of {args.tp}:"
+    )
+    for name, value in e.parts().items():
+        if name in ("gradients", "optimizer") and not args.mode:
+            continue
+        if name == "kv_cache" and args.mode:
+            continue
+        print(f"  {LABELS[name]:<28}{value / GiB:9.2f} GiB")
+    fits = ", ".join(f"{gb} GB: {'yes' if e.fits(gb * GiB) else 'no'}" for gb in GPU_SIZES_GB)
+    print(f"fits (total + {RUNTIME_RESERVE / GiB:.0f} GiB for the CUDA runtime): {fits}")
+    return 0

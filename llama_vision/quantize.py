@@ -1,0 +1,150 @@
+"""Weight-only int8 and int4 quantization through torchao, applied while the checkpoint loads.
+
+    model = load_checkpoint(path, dtype=torch.bfloat16, quantize="int8")
+    lv = LlamaVision.from_pretrained(path, quantize="int4")          # the same, with tokenizer and engine
+    quantize_model(model, "int8")                                    # or on a model already built
+
+Each linear weight of the chosen parts is quantized as soon as it is read (`quantize_hooks`, a
+`weights.LoadHooks` transform), so the unquantized model is never held whole. The layers stay
+`nn.Linear`; their weight becomes one of torchao's tensor subclasses, which dispatches `F.linear` to
+its kernels. Module names and state_dict keys do not change, and code that walks the model (the CPU
+blocked-matmul path, LoRA) can tell a quantized layer by its weight not being a plain tensor.
+
+Parts (`targets`): "text" (the self-attention layers' q/k/v/o and MLPs), "cross" (the cross-attention
+layers' q/k/v/o and MLPs), "vision" (the ViT's projections and MLPs), "projector". The default is
+text + cross: GPTQ-style tools leave the cross-attention layers unquantized, we do not. Always kept in
+the load dtype: embeddings, the output layer (lm_head; its rounding moves every logit), norms, gates and
+the patch convolution (not an `nn.Linear`).
+
+Schemes (torchao 0.18, checked on this CPU and for CUDA):
+- "int8": `Int8WeightOnlyConfig`, one float32 scale per output row: 1 byte a weight, any device/dtype.
+- "int4" on CUDA: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")`,
+  tinygemm's packed layout, half a byte a weight plus a bfloat16 scale and zero per 128; needs bfloat16.
+- "int4" on the CPU: torchao 0.18 has no packed weight-only int4 CPU kernel without its optional C++
+  extension, so `IntxWeightOnlyConfig(weight_dtype=torch.int4, PerGroup(32))` is used: int4 values and
+  rounding, but stored one per byte (`IntxUnpackedToInt8Tensor`). Accuracy is int4's, memory is int8's
+  (slightly more, the group scales): it saves memory against bfloat16 only as int8 does.
+Group sizes fall back to 64 or 32 where a layer's input width is not a multiple of the default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from llama_vision.config import LlamaVisionConfig
+
+SCHEMES = ("int8", "int4")
+TARGETS = ("text", "cross", "vision", "projector")
+DEFAULT_TARGETS = ("text", "cross")
+
+_TEXT_LINEAR = re.compile(
+    r"language_model\.model\.layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight"
+)
+_VISION_LINEAR = re.compile(r"vision_model\..*\.(self_attn\.[qkvo]_proj|mlp\.fc[12])\.weight")
+
+
+def part_of(name: str, config: LlamaVisionConfig) -> str | None:
+    """Which quantizable part the parameter `name` is a linear weight of, or None (kept as it is)."""
+    if m := _TEXT_LINEAR.fullmatch(name):
+        return "cross" if int(m[1]) in config.text.cross_attention_layers else "text"
+    if _VISION_LINEAR.fullmatch(name):
+        return "vision"
+    if name == "multi_modal_projector.weight":
+        return "projector"
+    return None
+
+
+def check(scheme: str | None, targets: Iterable[str] = DEFAULT_TARGETS) -> tuple[str, ...]:
+    """Validate the options; returns the targets as a tuple."""
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"quantize must be one of {', '.join(SCHEMES)} (or None), got {scheme!r}")
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown quantization targets {unknown}; choose from {list(TARGETS)}")
+    return targets
+
+
+def group_size(in_features: int, preferred: int) -> int:
+    for size in (preferred, 64, 32):
+        if size <= preferred and in_features % size == 0:
+            return size
+    raise ValueError(f"int4 needs a layer input width divisible by 32, got {in_features}")
+
+
+def torchao_config(scheme: str, weight: torch.Tensor):  # -> torchao AOBaseConfig
+    """The torchao config for one weight (out, in) on its device (see the module docstring)."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+    except ImportError:  # a RuntimeError, so the command line prints it as one line
+        raise RuntimeError(
+            "quantization needs torchao: pip install 'llama-vision[quant]' (or pip install torchao)"
+        ) from None
+    if scheme == "int8":
+        return Int8WeightOnlyConfig()
+    if weight.device.type == "cuda":
+        if weight.dtype != torch.bfloat16:
+            raise ValueError(f"int4 on CUDA needs dtype=torch.bfloat16, got {weight.dtype}")
+        size = group_size(weight.shape[1], 128)
+        return Int4WeightOnlyConfig(group_size=size, int4_packing_format="tile_packed_to_4d")
+    return IntxWeightOnlyConfig(
+        weight_dtype=torch.int4, granularity=PerGroup(group_size(weight.shape[1], 32))
+    )
+
+
+def quantize_weight(weight: torch.Tensor, scheme: str) -> nn.Parameter:
+    """A linear weight (out, in) quantized with torchao: a Parameter holding torchao's tensor subclass."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    from torchao.quantization import quantize_
+
+    quantize_(linear, torchao_config(scheme, weight))
+    return linear.weight
+
+
+def quantize_hooks(config: LlamaVisionConfig, scheme: str, targets: Iterable[str] = DEFAULT_TARGETS):
+    """Loader hooks (`weights.LoadHooks`) that quantize each chosen weight as soon as it is read."""
+    from llama_vision.weights import LoadHooks
+
+    targets = check(scheme, targets)
+    torchao_config(scheme, torch.empty(1, 32, device="meta"))  # a missing torchao fails before any read
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if part_of(name, config) not in targets:
+            return tensor
+        if type(tensor.data) is not torch.Tensor:
+            raise ValueError(
+                f"cannot quantize {name}: it is already a {type(tensor.data).__name__} (quantization together "
+                "with tensor parallelism is not supported)"
+            )
+        return quantize_weight(tensor, scheme)
+
+    return LoadHooks(transform=transform)
+
+
+def quantize_model(model: nn.Module, scheme: str, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
+    """Quantize the chosen linear weights of a built model in place (the loader hooks do it while loading)."""
+    targets = check(scheme, targets)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and part_of(f"{name}.weight", model.config) in targets:
+            module.weight = quantize_weight(module.weight.detach(), scheme)
+    return model
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight.data) is not torch.Tensor
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, a torchao subclass's inner tensors (data, scales, zero points) included."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None:
+        return t.numel() * t.element_size()
+    names, _ = flatten()
+    return sum(tensor_bytes(getattr(t, n)) for n in names)
