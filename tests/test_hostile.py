@@ -533,11 +533,22 @@ def _launch(*args: str | bytes) -> subprocess.Popen:
 
 
 def _wait_for_mapping(process: subprocess.Popen, needle: str) -> None:
-    """Wait until the process has mapped a file whose path holds `needle` (a sign of what it is doing)."""
-    maps = Path(f"/proc/{process.pid}/maps")
+    """Wait until the process has mapped or opened a file whose path holds `needle` (a sign of what it is
+    doing: torch's libraries are mapped, the weights are read through an open file)."""
+    maps, fds = Path(f"/proc/{process.pid}/maps"), Path(f"/proc/{process.pid}/fd")
     with within(120):
-        while process.poll() is None and needle not in maps.read_text():
+        while process.poll() is None and needle not in maps.read_text() and not _has_open(fds, needle):
             time.sleep(0.01)
+
+
+def _has_open(fds: Path, needle: str) -> bool:
+    for fd in fds.iterdir():
+        try:
+            if needle in os.readlink(fd):
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
 
 
 @pytest.mark.slow  # four interpreters at once

@@ -55,9 +55,8 @@ def _worker(rank: int, path: Path, port: int, out: Path) -> None:
         result = _run(model, _inputs(path))
         q = model.language_model.model.layers[0].self_attn.q_proj.weight
         result["q_local"] = q.to_local()
-        engine = Engine(model)
-        cache = engine.new_cache(1, 16)
-        result["cache_heads"] = torch.tensor(cache[0].k.shape[1])
+        cache = model.new_cache(1, 16, 0)  # sized from the layers' own (local) head counts
+        result["cache_heads"] = torch.tensor(cache.layers[0].k.shape[1])
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
