@@ -177,16 +177,14 @@ def _inject(model: LlamaVisionModel, config: Any) -> LlamaVisionModel:
     return model
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors in the PEFT file's keys (transformers' layout, adapter name removed)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if ".lora_" not in name:
-            continue
-        state[_PEFT_PREFIX + to_transformers(name.replace(".default.", "."))] = (
-            tensor.detach().cpu().contiguous()
-        )
-    return state
+def lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a model state dict, in the PEFT file's keys (transformers' layout, the
+    adapter name removed)."""
+    return {
+        _PEFT_PREFIX + to_transformers(name.replace(".default.", ".")): tensor.detach().cpu().contiguous()
+        for name, tensor in state.items()
+        if ".lora_" in name
+    }
 
 
 def to_transformers(name: str) -> str:
@@ -196,8 +194,14 @@ def to_transformers(name: str) -> str:
     return name
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base: str | Path | None = None) -> None:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT format) into `directory`."""
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    base: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT format) into `directory`. `state`
+    is the model's full state dict when it is not `model.state_dict()` (gathered from FSDP shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.lora_config.to_dict()
@@ -205,7 +209,31 @@ def save_adapter(model: nn.Module, directory: str | Path, base: str | Path | Non
     config["base_model_name_or_path"] = None if base is None else str(base)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    save_file(lora_state(model), directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    tensors = lora_state(model.state_dict() if state is None else state)
+    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
+def read_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter under the model's own state-dict names, checked against it."""
+    directory = Path(directory)
+    ours = {to_ours(k): v for k, v in load_file(directory / ADAPTER_WEIGHTS).items()}
+    current = model.state_dict()
+    expected = {k.replace(".default.", "."): k for k in current if ".lora_" in k}
+    unknown = sorted(set(ours) - set(expected))
+    missing = sorted(set(expected) - set(ours))
+    if unknown or missing:
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS} does not fit this model: {len(unknown)} unexpected tensors "
+            f"(e.g. {unknown[:3]}), {len(missing)} missing (e.g. {missing[:3]})"
+        )
+    state = {expected[k]: v for k, v in ours.items()}
+    for key, tensor in state.items():
+        if tensor.shape != current[key].shape:
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(current[key].shape)}"
+            )
+    return state
 
 
 def load_adapter(model: LlamaVisionModel, directory: str | Path) -> LlamaVisionModel:
@@ -223,21 +251,7 @@ def load_adapter(model: LlamaVisionModel, directory: str | Path) -> LlamaVisionM
         raise ValueError(f"{directory / ADAPTER_CONFIG}: only LoRA adapters are supported")
     config.inference_mode = True
     _inject(model, config)
-    ours = {to_ours(k): v for k, v in load_file(directory / ADAPTER_WEIGHTS).items()}
-    expected = {k.replace(".default.", "."): k for k in model.state_dict() if ".lora_" in k}
-    unknown = sorted(set(ours) - set(expected))
-    missing = sorted(set(expected) - set(ours))
-    if unknown or missing:
-        raise ValueError(
-            f"{directory / ADAPTER_WEIGHTS} does not fit this model: {len(unknown)} unexpected tensors "
-            f"(e.g. {unknown[:3]}), {len(missing)} missing (e.g. {missing[:3]})"
-        )
-    state = {expected[k]: v for k, v in ours.items()}
-    current = model.state_dict()
-    for key, tensor in state.items():
-        if tensor.shape != current[key].shape:
-            raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(current[key].shape)}")  # fmt: skip
+    state = read_adapter(model, directory)
     model.load_state_dict(state, strict=False)
     for p in model.parameters():
         p.requires_grad_(False)
