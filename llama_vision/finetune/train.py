@@ -47,7 +47,7 @@ from llama_vision.encoders.vision import VisionLayer
 from llama_vision.finetune import checkpoint as ckpt
 from llama_vision.finetune.collate import IGNORE, Collator
 from llama_vision.finetune.config import TrainConfig
-from llama_vision.finetune.data import Example, load_examples
+from llama_vision.finetune.data import load_examples
 from llama_vision.finetune.evaluate import exact_match, held_out_loss
 from llama_vision.finetune.lora import apply_lora, has_lora, part_of, read_adapter, save_adapter
 from llama_vision.model import LlamaVisionModel
@@ -202,23 +202,37 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 class LossModule(nn.Module):
     """The model and its loss as one module, which DDP wraps (so the model itself stays unwrapped and
-    keeps its names). A pass that reaches no trained parameter (text-only rows with LoRA on the vision
-    side only) still joins the gradient reduction, with zero gradients, instead of failing."""
+    keeps its names).
 
-    def __init__(self, model: nn.Module, fsdp: bool = False) -> None:
+    Every pass must take part in the same gradient reductions on every process: a text-only batch
+    skips the vision tower and the cross-attention layers. DDP (with `find_unused_parameters`) copes
+    with unused parameters, but not with a pass that reaches no trained parameter at all (LoRA on the
+    vision side only), so such a pass gets a zero term over the trained parameters. FSDP2 reduces only
+    the parameters that got a gradient, and only when the model's output needs one: `zero_grad_term`
+    adds the term to the output itself, always.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.fsdp = model, fsdp
+        self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
         loss, n, correct = token_loss(self.model, batch)
         if torch.is_grad_enabled() and not loss.requires_grad:
-            if self.fsdp:  # sharded parameters exist whole only inside their module's forward
-                raise ValueError(
-                    "under distributed=fsdp every batch must reach a trained parameter; this one has text "
-                    "rows only and the trained parameters are all on the image side: use distributed=ddp"
-                )
             loss = loss + sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
         return loss, n, correct
+
+
+def zero_grad_term(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """FSDP: the output plus zero times every trained parameter of the root group, so each process
+    reduces the same gradients. A forward hook that runs before FSDP's own, while those parameters are
+    gathered (the self-attention layers' are sharded DTensors by then; they always get gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    if not torch.is_grad_enabled():
+        return output
+    gathered = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    return output + sum(p.sum() for p in gathered) * 0.0
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -327,10 +341,15 @@ class Trainer:
             from torch.distributed.fsdp import fully_shard
 
             for layer in self.model.modules():
-                if isinstance(layer, DecoderLayer):  # always run; see the README's note on FSDP
-                    fully_shard(layer)
+                if isinstance(layer, DecoderLayer):  # they always run (LossModule says why it matters)
+                    # Frozen layers keep their gathered weights from forward to backward: a backward
+                    # that need not pass through them (a text-only batch when only image-side
+                    # parameters train) would otherwise gather them on some processes only and hang.
+                    frozen = not any(p.requires_grad for p in layer.parameters())
+                    fully_shard(layer, reshard_after_forward=not frozen)
+            self.model.register_forward_hook(lambda m, args, out: zero_grad_term(m, out), prepend=True)
             fully_shard(self.model)
-        self.runner: nn.Module = LossModule(self.model, fsdp=self.fsdp)
+        self.runner: nn.Module = LossModule(self.model)
         if self.d.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = nn.parallel.DistributedDataParallel(
