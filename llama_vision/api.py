@@ -51,12 +51,18 @@ class LlamaVision:
         dtype: torch.dtype | None = None,
         progress: bool = False,
         compile: bool = False,
+        adapter: str | Path | None = None,
     ) -> LlamaVision:
         """Load a checkpoint directory. `dtype` None keeps the stored dtype; `compile` compiles the decode
-        step with torch.compile (the first answer then takes longer)."""
+        step with torch.compile (the first answer then takes longer); `adapter` runs a PEFT LoRA adapter
+        directory on the model without merging it (llama_vision.finetune.lora)."""
         processor = Processor.from_dir(path, read_config(path))  # a missing tokenizer fails before loading
         generation_config = GenerationConfig.from_dir(path)
         model = load_checkpoint(path, device=device, dtype=dtype, progress=progress).eval()
+        if adapter is not None:
+            from llama_vision.finetune.lora import load_adapter
+
+            load_adapter(model, adapter)
         return cls(model=model, processor=processor, generation_config=generation_config, compile=compile)
 
     def chat(

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import torch
 
 from llama_vision.api import LlamaVision
+from llama_vision.cli_finetune import add_commands as add_finetune_commands
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
 from llama_vision.sampling import GenerationConfig
 from llama_vision.weights import read_config
@@ -79,7 +80,9 @@ def build_parser() -> Parser:
     run.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: as stored)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
+    run.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter to run on the model")
     ask.set_defaults(run=ask_command)
+    add_finetune_commands(commands)
     return parser
 
 
@@ -122,6 +125,7 @@ def ask_command(args: argparse.Namespace) -> int:
         dtype=None if args.dtype is None else DTYPES[args.dtype],
         progress=not args.quiet and sys.stderr.isatty(),
         compile=args.compile,
+        adapter=args.adapter,
     )
     for piece in lv.stream(
         conversation(args.prompt, images, args.system), max_num_tiles=args.max_tiles, **options

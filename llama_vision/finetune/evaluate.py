@@ -61,12 +61,12 @@ def exact_match(
 
 @torch.no_grad()
 def held_out_loss(
-    loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int, torch.Tensor]],
+    loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     batches: Sequence[dict[str, torch.Tensor]],
 ) -> tuple[float, float]:
     """Mean token loss and token accuracy over `batches` (each a collated batch)."""
     total, tokens, correct = 0.0, 0, 0.0
     for batch in batches:
         loss_sum, n, hits = loss_fn(batch)
-        total, tokens, correct = total + float(loss_sum), tokens + n, correct + float(hits)
+        total, tokens, correct = total + float(loss_sum), tokens + int(n), correct + float(hits)
     return total / max(tokens, 1), correct / max(tokens, 1)

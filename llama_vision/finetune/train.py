@@ -187,17 +187,19 @@ def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
 # ----------------------------------------------------------------------------- the loss
 
 
-def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+def token_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of the cross-entropy over trained tokens, their count, and how many the model predicts
-    right. Position t predicts label t + 1; only positions with a label go through the loss."""
+    right (all three tensors). Position t predicts label t + 1. No boolean indexing (no data-dependent
+    shapes), so the memory planner runs this same function on the meta device."""
     labels = batch["labels"][:, 1:]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs)[:, :-1]  # B T-1 V float32
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     keep = labels != IGNORE
-    logits, labels = logits[keep], labels[keep]  # K V, K
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.detach().argmax(-1) == labels).sum()
-    return loss, int(keep.sum()), correct
+    correct = ((logits.detach().argmax(-1) == labels) & keep).sum()
+    return loss, keep.sum(), correct
 
 
 class LossModule(nn.Module):
@@ -216,7 +218,7 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loss, n, correct = token_loss(self.model, batch)
         if torch.is_grad_enabled() and not loss.requires_grad:
             loss = loss + sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
@@ -514,7 +516,7 @@ class Trainer:
             for i in range(0, len(self.eval_examples), c.batch_size)
         ]
 
-        def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             with self.autocast:
                 return self.runner(batch)
 
