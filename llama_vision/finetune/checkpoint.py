@@ -2,9 +2,10 @@
 
 `output/checkpoint-N/` holds what resuming needs:
 - the model: a PEFT adapter (lora, qlora) or a Hugging Face layout checkpoint (full, adapters);
-- `optimizer.safetensors` (AdamW's moments per parameter, keyed by parameter name) and
-  `optimizer.json` (the parameter groups and step counts);
-- `rng.safetensors` (each process's torch CPU and CUDA generator states);
+- in `training_state/` (apart, so the model directory holds only the model's safetensors):
+  `optimizer.safetensors` (AdamW's moments per parameter, keyed by parameter name),
+  `optimizer.json` (the parameter groups and step counts) and `rng.safetensors` (each process's torch
+  CPU and CUDA generator states);
 - `trainer_state.json` (the step, the data position, the global batch, the run's settings).
 The schedule is a pure function of the step, so the step is its whole state.
 
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 
 

@@ -151,7 +151,11 @@ def plan_memory(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     shard = world if config.distributed == "fsdp" and world > 1 else 1
-    weight_bytes, grad_bytes, optimizer_bytes = weight_bytes // shard, grad_bytes // shard, optimizer_bytes // shard
+    weight_bytes, grad_bytes, optimizer_bytes = (
+        weight_bytes // shard,
+        grad_bytes // shard,
+        optimizer_bytes // shard,
+    )
     # the tracked peak holds gradients and optimizer state as they were alive at that moment
     activation_bytes = max(tracker.peak - (grad_bytes + optimizer_bytes) * shard, 0)
     peak = weight_bytes + grad_bytes + optimizer_bytes + activation_bytes

@@ -576,8 +576,9 @@ class Trainer:
         if self.d.main:
             tmp = ckpt.temporary_dir(self.output, name)
             self.write_model(state, tmp)
-            ckpt.save_optimizer(optimizer, tmp)
-            ckpt.save_rng(rng, tmp)
+            (tmp / ckpt.STATE_DIR).mkdir()
+            ckpt.save_optimizer(optimizer, tmp / ckpt.STATE_DIR)
+            ckpt.save_rng(rng, tmp / ckpt.STATE_DIR)
             trainer_state = {
                 "step": self.step,
                 "epoch": self.step // self.steps_per_epoch,
@@ -625,8 +626,8 @@ class Trainer:
         else:
             state = read_checkpoint_tensors(path)
         self.load_model_state(state)
-        self.load_optimizer_state(ckpt.load_optimizer(path))
-        ckpt.set_rng_state(ckpt.load_rng(path, self.d.rank))
+        self.load_optimizer_state(ckpt.load_optimizer(path / ckpt.STATE_DIR))
+        ckpt.set_rng_state(ckpt.load_rng(path / ckpt.STATE_DIR, self.d.rank))
         self.step = saved["step"]
         self.say(f"resumed from {path} at step {self.step}")
 
