@@ -132,14 +132,13 @@ def part_names() -> tuple[str, ...]:
     return PARTS
 
 
-def quantize_frozen(model: LlamaVisionModel, config: TrainConfig) -> None:
+def quantize_frozen(model: LlamaVisionModel, config: TrainConfig, device: torch.device) -> None:
     """QLoRA: every linear layer of the text decoder and vision encoder becomes a frozen 4-bit NF4
     bitsandbytes layer (the projector and the output layer stay as they are); LoRA goes on top."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise ValueError("mode qlora needs bitsandbytes: pip install 'llama-vision[qlora]'") from None
-    device = model.device
     if device.type not in ("cuda", "cpu", "xpu"):
         raise ValueError(f"mode qlora: bitsandbytes has no 4-bit kernels for device {device.type!r}")
     compute = torch.bfloat16 if config.autocast is not False else torch.float32
@@ -307,13 +306,16 @@ class Trainer:
         self.eval_examples = (
             load_examples(config.eval_data, skip_bad=config.skip_bad) if config.eval_data else []
         )
-        self.model, self.tokenizer = build_model(config, self.device)
+        # QLoRA: load on the CPU and quantize layer by layer onto the device, which never holds the bf16 base
+        cpu = torch.device("cpu")
+        self.model, self.tokenizer = build_model(config, cpu if config.mode == "qlora" else self.device)
         self.model_config: LlamaVisionConfig = self.model.config
         self.collator = Collator(
             self.tokenizer, self.model_config, max_length=config.max_length, max_num_tiles=config.max_tiles
         )
         if config.mode == "qlora":
-            quantize_frozen(self.model, config)
+            quantize_frozen(self.model, config, self.device)
+            self.model.to(self.device)
         select_trainable(self.model, config)
         for p in self.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
