@@ -227,3 +227,27 @@ def test_batch_runs_through_the_model(tokenizer: Tokenizer, data_dir: Path) -> N
     torch.manual_seed(0)
     logits = LlamaVisionModel(CONFIG)(**batch)
     assert logits.shape[:2] == labels.shape and torch.isfinite(logits).all()
+
+
+def test_datasets_directory(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = {
+        "messages": [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A dot."}]}],
+            [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}],
+        ],
+        "images": [[random_image(40, 30, seed=5)], []],
+    }  # fmt: skip
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image()),
+    })  # fmt: skip
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    examples = load_examples(tmp_path / "ds")
+    assert [e.source for e in examples] == [f"{tmp_path / 'ds'}[0]", f"{tmp_path / 'ds'}[1]"]
+    image_item = examples[0].messages[0]["content"][0]
+    assert image_item["type"] == "image" and image_item["image"].size == (40, 30)
+    assert examples[1].messages[1]["content"] == [{"type": "text", "text": "Hello"}]
