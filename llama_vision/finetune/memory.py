@@ -6,8 +6,9 @@ the meta device (no memory), the mode, LoRA and activation checkpointing are app
 and two training steps (forward, `token_loss`, backward, AdamW; the first step creates the optimizer
 state) run under a dispatch mode that tracks every tensor storage created and freed. The peak of live
 bytes over the steps is the plan's peak, transients included (the logits and their gradient, the
-recomputation of checkpointed layers, AdamW's temporaries). It is the memory of the tensors; a CUDA
-allocator's cache, CUDA's context and the Python process come on top.
+recomputation of checkpointed layers, AdamW's temporaries). Attention is counted as a fused kernel
+(`_FusedAttention`: inputs, output and log-sum-exp, never the attention weights), as CUDA runs it. It is
+the memory of the tensors; a CUDA allocator's cache, CUDA's context and the Python process come on top.
 
 Worst case of the inputs: every row at the full sequence length, every token trained, every image with
 all its tiles. Under FSDP the weights, gradients and optimizer state are divided by the number of
@@ -20,8 +21,10 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -103,6 +106,29 @@ class _LiveBytes(TorchDispatchMode):
             del self.refs[key]
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for SDPA while planning, with the memory of a fused kernel (flash or memory-efficient
+    attention, what CUDA runs): q, k, v, the output and the log-sum-exp kept for backward, never the
+    T x S attention weights. On the meta device SDPA would take the math path, which materialises them
+    (gigabytes for 4 tiles of 1601 tokens)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return _FusedAttention.apply(q, k, v)
+
+
 def plan_memory(
     model_config: LlamaVisionConfig,
     config: TrainConfig,
@@ -140,7 +166,7 @@ def plan_memory(
     tracker = _LiveBytes({p.untyped_storage()._cdata for p in params})
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=world == 1 or config.distributed != "fsdp")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32)
-    with tracker:
+    with tracker, mock.patch.object(F, "scaled_dot_product_attention", _fused_sdpa):
         for _ in range(2):
             with torch.device("meta"):
                 inputs = _worst_case_batch(model_config, batch, seq_len, images, tiles)
