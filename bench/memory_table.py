@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--tiles", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--fsdp-world", type=int, default=8, help="processes for full fine-tuning")
     args = parser.parse_args()
@@ -34,7 +35,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         config = get_preset(MODELS[model])
-        for mode in MODES:
+        for mode in args.modes:
             world = args.fsdp_world if mode == "full" else 1
             for batch in args.batch:
                 for tiles in args.tiles:

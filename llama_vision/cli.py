@@ -125,7 +125,7 @@ def ask_command(args: argparse.Namespace) -> int:
         dtype=None if args.dtype is None else DTYPES[args.dtype],
         progress=not args.quiet and sys.stderr.isatty(),
         compile=args.compile,
-        adapter=args.adapter,
+        **({"adapter": args.adapter} if args.adapter else {}),  # a LoRA adapter (finetune/lora.py)
     )
     for piece in lv.stream(
         conversation(args.prompt, images, args.system), max_num_tiles=args.max_tiles, **options
