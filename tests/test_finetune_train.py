@@ -270,6 +270,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     trainer = Trainer(TrainConfig(**json.loads(sys.argv[1])), log=lambda m: None)
     plan = plan_for(trainer)
     weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    for p in trainer.model.parameters():  # make every weight page resident (safetensors maps the file)
+        float(p.detach().float().sum())
     base = rss() - weights  # the process without the model
     trainer.prepare()
     trainer.run()
