@@ -260,7 +260,8 @@ def test_two_processes_equal_one(
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import ctypes, gc, json, resource, sys
+    import torch
     from llama_vision.finetune.config import TrainConfig
     from llama_vision.finetune.memory import plan_for
     from llama_vision.finetune.train import Trainer
@@ -273,6 +274,10 @@ MEMORY_SCRIPT = textwrap.dedent(
     weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     for p in trainer.model.parameters():  # make every weight page resident (safetensors maps the file)
         float(p.detach().float().sum())
+    with torch.no_grad():  # a forward first, so libraries' lazy set-up is not counted as the step's
+        trainer.model(**{k: v for k, v in trainer.collator(trainer.examples[:1]).items() if k != "labels"})
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, so RSS starts low
     base = rss() - weights  # the process without the model
     trainer.prepare()
     trainer.run()
