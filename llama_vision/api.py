@@ -73,6 +73,7 @@ class LlamaVision:
         progress: bool = False,
         compile: bool = False,
         quantize: str | None = None,
+        adapter: str | Path | None = None,
         **engine_options: Any,
     ) -> LlamaVision:
         """Load a checkpoint directory: Llama 3.2 Vision, or a text-only Llama (1 to 3.3) through the same
@@ -80,7 +81,8 @@ class LlamaVision:
         name ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype; `compile` compiles
         the decode step with torch.compile (each new batch and length bucket compiles once, the first
         answers take longer); `quantize` "int8" or "int4" quantizes the text and cross-attention weights
-        while loading (torchao, quantize.py). On the CPU the linear layers get the blocked few-row path
+        while loading (torchao, quantize.py); `adapter` runs a PEFT LoRA adapter directory on the model
+        without merging it (llama_vision.finetune.lora). On the CPU the linear layers get the blocked few-row path
         (cpu_linear.py; quantized ones keep torchao's). Other keywords are engine options (see the class)."""
         device, dtype = usable_device(device), parse_dtype(dtype)
         if is_text_checkpoint(path):  # Llama 1 to 3.3 text models: the same decoder without adapters
@@ -97,6 +99,10 @@ class LlamaVision:
         vocab, where = processor.config.text.vocab_size, str(Path(path) / "generation_config.json")
         check_generation_ids(generation_config.eos_token_ids, vocab, where)
         model = load(path, device=device, dtype=dtype, progress=progress).eval()
+        if adapter is not None:
+            from llama_vision.finetune.lora import load_adapter  # peft is optional
+
+            load_adapter(model, adapter)
         if model.device.type == "cpu":
             use_blocked_linears(model)
         return cls(model, processor, generation_config, compile, engine_options)

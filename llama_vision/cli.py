@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 
 from llama_vision import cli_estimate
 from llama_vision.api import LlamaVision
+from llama_vision.cli_finetune import add_commands as add_finetune_commands
 from llama_vision.cli_serve import add_serve_parser
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
 from llama_vision.llama import is_text_checkpoint, read_llama_config
@@ -95,9 +96,11 @@ def build_parser() -> Parser:
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (torchao)")
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
+    run.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter to run on the model")
     ask.set_defaults(run=ask_command)
     add_serve_parser(commands)
     cli_estimate.add_parser(commands)
+    add_finetune_commands(commands)
     return parser
 
 
@@ -195,6 +198,7 @@ def ask_command(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         compile=args.compile,
         quantize=args.quantize,
+        **({"adapter": args.adapter} if args.adapter else {}),  # a LoRA adapter (finetune/lora.py)
     )
     for piece in lv.stream(
         conversation(prompt, images, args.system), max_num_tiles=args.max_tiles, **options

@@ -1,0 +1,706 @@
+"""The fine-tuning loop: `train(TrainConfig)` on one process or under torchrun (DDP or FSDP2).
+
+Modes (what has requires_grad; everything else is frozen):
+- `adapters`: the cross-attention layers and the projector (Meta's recipe), plus the vision encoder
+  with `train_vision`;
+- `lora`: LoRA layers from peft (lora.py), by default on the vision encoder and the cross-attention
+  layers (torchtune's recipe);
+- `qlora`: the same on a base whose frozen linear layers are 4-bit NF4 (bitsandbytes `Linear4bit`);
+- `full`: every parameter; with `preset` + `tokenizer` instead of `model`, a new model from scratch.
+
+Transforms are applied to the built model from outside, in an order where none hides a layer from the
+next: quantization, LoRA, activation checkpointing (torch's composable `checkpoint` on every text and
+vision layer: hooks, no wrapper modules, so names stay the checkpoint keys), then DDP or `fully_shard`.
+Trained parameters are kept in float32; frozen weights stay in `dtype`, with bf16 autocast.
+
+The loss is the mean cross-entropy over the trained tokens of the whole global batch: each pass adds
+its sum of token losses divided by the global count of trained tokens (summed over passes and
+processes before the first pass), so gradient accumulation and data parallelism give the gradients of
+one pass over the global batch. Data order is a permutation per epoch seeded by (seed, epoch), and step
+s reads global batch s of it (the incomplete last batch of an epoch is dropped): the data position is a
+function of the step, and resuming restores the step, the weights, AdamW's state and the generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llama_vision.adapters.cross_attention import CrossAttentionLayer
+from llama_vision.api import LlamaVision
+from llama_vision.config import LlamaVisionConfig, get_preset
+from llama_vision.encoders.vision import VisionLayer
+from llama_vision.finetune import checkpoint as ckpt
+from llama_vision.finetune.collate import IGNORE, Collator
+from llama_vision.finetune.config import TrainConfig
+from llama_vision.finetune.data import load_examples
+from llama_vision.finetune.evaluate import exact_match, held_out_loss
+from llama_vision.finetune.lora import apply_lora, has_lora, part_of, read_adapter, save_adapter
+from llama_vision.model import LlamaVisionModel
+from llama_vision.processor import Processor
+from llama_vision.text import DecoderLayer
+from llama_vision.tokenizer import Tokenizer
+from llama_vision.weights import hf_key, load_checkpoint, save_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")  # fmt: skip
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss of the steps run here
+    final: Path | None = None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_model(config: TrainConfig, device: torch.device) -> tuple[LlamaVisionModel, Tokenizer]:
+    dtype = None if config.dtype is None else DTYPES[config.dtype]
+    if config.model is not None:
+        tokenizer = Tokenizer.from_dir(config.model)
+        model = load_checkpoint(config.model, device=device, dtype=dtype)
+        return model, tokenizer
+    tokenizer_path = Path(config.tokenizer)
+    tokenizer = (
+        Tokenizer.from_dir(tokenizer_path) if tokenizer_path.is_dir() else Tokenizer.from_file(tokenizer_path)
+    )
+    with torch.device(device):
+        model = LlamaVisionModel(get_preset(config.preset))
+    init_weights(model, config.seed)
+    return model.to(dtype or torch.float32), tokenizer
+
+
+@torch.no_grad()
+def init_weights(model: LlamaVisionModel, seed: int, std: float = 0.02) -> None:
+    """Initialise a model trained from scratch: normal(0, std) matrices and embeddings, zero biases;
+    norms stay 1 and gates 0 as constructed (a fresh cross-attention layer passes text through)."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            module.weight.normal_(0.0, std, generator=g)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    vision = model.vision_model
+    for p in (vision.class_embedding, *vision.gated_positional_embedding.parameters()):
+        if p.dim() > 1 or p is vision.class_embedding:
+            p.normal_(0.0, std, generator=g)
+
+
+def select_trainable(model: LlamaVisionModel, config: TrainConfig) -> None:
+    """requires_grad by mode (LoRA and QLoRA: lora.py sets it when the layers are added)."""
+    if config.mode in ("lora", "qlora"):
+        apply_lora(
+            model,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            parts=config.lora_parts,
+            modules=config.lora_modules,
+        )
+        return
+    trained = {"full": set(part_names()), "adapters": {"cross_attention", "projector"}}[config.mode]
+    if config.mode == "adapters" and config.train_vision:
+        trained.add("vision")
+    for name, p in model.named_parameters():
+        p.requires_grad_(part_of(model, name) in trained)
+
+
+def part_names() -> tuple[str, ...]:
+    from llama_vision.finetune.lora import PARTS
+
+    return PARTS
+
+
+def quantize_frozen(model: LlamaVisionModel, config: TrainConfig, device: torch.device) -> None:
+    """QLoRA: every linear layer of the text decoder and vision encoder becomes a frozen 4-bit NF4
+    bitsandbytes layer (the projector and the output layer stay as they are); LoRA goes on top."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError("mode qlora needs bitsandbytes: pip install 'llama-vision[qlora]'") from None
+    if device.type not in ("cuda", "cpu", "xpu"):
+        raise ValueError(f"mode qlora: bitsandbytes has no 4-bit kernels for device {device.type!r}")
+    compute = torch.bfloat16 if config.autocast is not False else torch.float32
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name in ("language_model.lm_head", "multi_modal_projector"):
+            continue
+        q = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute,
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        q = q.to(device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+
+
+def checkpoint_layers(model: LlamaVisionModel) -> None:
+    """Activation checkpointing on every text and vision layer, through hooks (no wrapper modules)."""
+    from torch.distributed._composable import checkpoint
+
+    for module in model.modules():
+        if isinstance(module, (DecoderLayer, CrossAttentionLayer, VisionLayer)):
+            checkpoint(module)
+
+
+def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Parameters by part: (trainable, total)."""
+    from llama_vision.finetune.lora import PART_NAMES
+
+    counts = {part: [0, 0] for part in PART_NAMES}
+    for name, p in model.named_parameters():
+        part = part_of(model, name)
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit weights pack two per byte
+        counts[part][1] += n
+        counts[part][0] += n if p.requires_grad else 0
+    return {PART_NAMES[part]: (a, b) for part, (a, b) in counts.items()}
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def token_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of the cross-entropy over trained tokens, their count, and how many the model predicts
+    right (all three tensors). Position t predicts label t + 1. No boolean indexing (no data-dependent
+    shapes), so the memory planner runs this same function on the meta device."""
+    labels = batch["labels"][:, 1:]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs)[:, :-1]  # B T-1 V float32
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    keep = labels != IGNORE
+    correct = ((logits.detach().argmax(-1) == labels) & keep).sum()
+    return loss, keep.sum(), correct
+
+
+class LossModule(nn.Module):
+    """The model and its loss as one module, which DDP wraps (so the model itself stays unwrapped and
+    keeps its names).
+
+    Every pass must take part in the same gradient reductions on every process: a text-only batch
+    skips the vision tower and the cross-attention layers. DDP (with `find_unused_parameters`) copes
+    with unused parameters, but not with a pass that reaches no trained parameter at all (LoRA on the
+    vision side only), so such a pass gets a zero term over the trained parameters. FSDP2 reduces only
+    the parameters that got a gradient, and only when the model's output needs one: `zero_grad_term`
+    adds the term to the output itself, always.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, n, correct = token_loss(self.model, batch)
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            loss = loss + sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+        return loss, n, correct
+
+
+def zero_grad_term(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """FSDP: the output plus zero times every trained parameter of the root group, so each process
+    reduces the same gradients. A forward hook that runs before FSDP's own, while those parameters are
+    gathered (the self-attention layers' are sharded DTensors by then; they always get gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    if not torch.is_grad_enabled():
+        return output
+    gathered = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    return output + sum(p.sum() for p in gathered) * 0.0
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to lr x min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(total_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(config: TrainConfig, d: Dist) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] | None = None) -> None:
+        if config.data is None:
+            raise ValueError("data: give the training data (a JSONL file or a datasets directory)")
+        if config.output is None:
+            raise ValueError("output: give the output directory")
+        self.config = config
+        self.d = init_distributed()
+        self.device = pick_device(config, self.d)
+        self.say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.output = Path(config.output)
+        torch.manual_seed(config.seed)
+
+        self.examples = load_examples(config.data, skip_bad=config.skip_bad)
+        self.eval_examples = (
+            load_examples(config.eval_data, skip_bad=config.skip_bad) if config.eval_data else []
+        )
+        # QLoRA: load on the CPU and quantize layer by layer onto the device, which never holds the bf16 base
+        cpu = torch.device("cpu")
+        self.model, self.tokenizer = build_model(config, cpu if config.mode == "qlora" else self.device)
+        self.model_config: LlamaVisionConfig = self.model.config
+        self.collator = Collator(
+            self.tokenizer, self.model_config, max_length=config.max_length, max_num_tiles=config.max_tiles
+        )
+        if config.mode == "qlora":
+            quantize_frozen(self.model, config, self.device)
+            self.model.to(self.device)
+        select_trainable(self.model, config)
+        for p in self.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # trained parameters in float32 (master weights)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(f"mode {config.mode}: no parameter is trainable")
+        self.autocast = self._autocast()
+
+        self.global_batch = config.batch_size * config.grad_accum * self.d.world
+        self.steps_per_epoch = len(self.examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{config.data}: {len(self.examples)} examples are fewer than one global batch of "
+                f"{self.global_batch} (batch_size x grad_accum x processes)"
+            )
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.step = 0
+
+    # -- setup that dry runs skip
+
+    def prepare(self) -> None:
+        """Activation checkpointing, the parallel wrapper and the optimizer; then resume if asked."""
+        if self.config.activation_checkpointing:
+            checkpoint_layers(self.model)
+        self.fsdp = self.d.world > 1 and self.config.distributed == "fsdp"
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.modules():
+                if isinstance(layer, DecoderLayer):  # they always run (LossModule says why it matters)
+                    # Frozen layers keep their gathered weights from forward to backward: a backward
+                    # that need not pass through them (a text-only batch when only image-side
+                    # parameters train) would otherwise gather them on some processes only and hang.
+                    frozen = not any(p.requires_grad for p in layer.parameters())
+                    fully_shard(layer, reshard_after_forward=not frozen)
+            self.model.register_forward_hook(lambda m, args, out: zero_grad_term(m, out), prepend=True)
+            fully_shard(self.model)
+        self.runner: nn.Module = LossModule(self.model)
+        if self.d.world > 1 and not self.fsdp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = nn.parallel.DistributedDataParallel(
+                self.runner, device_ids=ids, find_unused_parameters=True
+            )  # text-only batches leave the vision tower and the adapters without gradients
+        self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        c = self.config
+        decay = [p for n, p in self.named_trainable if p.dim() >= 2]
+        no_decay = [p for n, p in self.named_trainable if p.dim() < 2]  # norms, biases, gates
+        groups = [
+            {"params": decay, "weight_decay": c.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=c.lr, betas=tuple(c.betas), foreach=not self.fsdp
+        )
+        if self.d.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        self.d.barrier()
+        if c.resume:
+            self.resume()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        c = self.config
+        low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.model.parameters())
+        wanted = c.autocast if c.autocast is not None else (
+            low_precision or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        )  # fmt: skip
+        if not wanted:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # -- data
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This process's passes of global batch `step`."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        indices = self.order(epoch)[offset * self.global_batch : (offset + 1) * self.global_batch]
+        per_rank = self.config.batch_size * self.config.grad_accum
+        mine = indices[self.d.rank * per_rank : (self.d.rank + 1) * per_rank]
+        bs = self.config.batch_size
+        return [self.to_device(self.collator([self.examples[i] for i in mine[k : k + bs]]))
+                for k in range(0, per_rank, bs)]  # fmt: skip
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # -- the loop
+
+    def run(self) -> TrainResult:
+        result = TrainResult(self.output)
+        progress = self.config.progress if self.config.progress is not None else sys.stderr.isatty()
+        log_file = self.output / "log.jsonl"
+        self.runner.train()
+        start = time.perf_counter()
+        while self.step < self.total_steps:
+            step = self.step
+            t0 = time.perf_counter()
+            record = self.train_step(step)
+            elapsed = time.perf_counter() - t0
+            record.update(
+                samples_per_s=self.global_batch / elapsed,
+                tokens_per_s=record.pop("input_tokens") / elapsed,
+                peak_memory_mb=peak_memory_mb(self.device),
+            )
+            result.losses[step + 1] = record["loss"]
+            self.step = step + 1
+            if self.d.main and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if self.d.main and progress:
+                print(
+                    f"\rstep {self.step}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                    f"{record['samples_per_s']:.2f} samples/s  {record['tokens_per_s']:.0f} tokens/s",
+                    end="", file=sys.stderr, flush=True,
+                )  # fmt: skip
+            if (
+                self.config.eval_every
+                and self.step % self.config.eval_every == 0
+                and self.step < self.total_steps
+            ):
+                self.evaluate(log_file)
+            if (
+                self.config.save_every
+                and self.step % self.config.save_every == 0
+                and self.step < self.total_steps
+            ):
+                self.save(f"checkpoint-{self.step}")
+        if self.d.main and progress:
+            print(file=sys.stderr)
+        if self.eval_examples:
+            self.evaluate(log_file)
+        result.final = self.save("final")
+        if self.d.main:
+            self.say(
+                f"trained {self.total_steps} steps in {time.perf_counter() - start:.1f} s; wrote {result.final}"
+            )
+        return result
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        batches = self.micro_batches(step)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        (total_tokens,) = self.d.sum(local_tokens)
+        input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        lr = learning_rate(self.config, step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, correct = 0.0, 0.0
+        for k, batch in enumerate(batches):
+            last = k == len(batches) - 1
+            with self._sync(last), self.autocast:
+                loss, _, hits = self.runner(batch)
+            # each pass's share of the global mean; DDP and FSDP average gradients over processes
+            (loss * (self.d.world / max(total_tokens, 1))).backward()
+            loss_sum, correct = loss_sum + float(loss.detach()), correct + float(hits)
+        loss_sum, correct = self.d.sum(loss_sum, correct)
+        loss = loss_sum / max(total_tokens, 1)
+        params = [p for _, p in self.named_trainable]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            latest = ckpt.latest_checkpoint(self.output)
+            raise TrainingStopped(
+                f"step {step + 1}: the loss is {loss} and the gradient norm {norm}; stopped without updating. "
+                f"The last good checkpoint is {latest if latest else 'none (no checkpoint was written yet)'}; "
+                "try a lower lr, warmup_steps, or max_grad_norm"
+            )
+        if total_tokens:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "step": step + 1,
+            "epoch": step // self.steps_per_epoch,
+            "loss": loss,
+            "token_accuracy": correct / max(total_tokens, 1),
+            "grad_norm": norm,
+            "lr": lr,
+            "tokens": int(total_tokens),
+            "input_tokens": input_tokens * self.d.world,
+        }
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduced across processes on the last pass of a step only."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if isinstance(self.runner, nn.parallel.DistributedDataParallel) and not last:
+            return self.runner.no_sync()
+        return contextlib.nullcontext()
+
+    # -- evaluation
+
+    def evaluate(self, log_file: Path) -> dict[str, Any]:
+        self.runner.eval()
+        c = self.config
+        batches = [
+            self.to_device(self.collator(self.eval_examples[i : i + c.batch_size]))
+            for i in range(0, len(self.eval_examples), c.batch_size)
+        ]
+
+        def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with self.autocast:
+                return self.runner(batch)
+
+        record: dict[str, Any] = {"step": self.step}
+        record["eval_loss"], record["eval_token_accuracy"] = held_out_loss(loss_fn, batches)
+        if self.d.main and not self.fsdp:  # generation calls the model's parts, which FSDP does not gather
+            lv = LlamaVision(model=self.model, processor=Processor(self.tokenizer, self.model_config))
+            with self.autocast:
+                em = exact_match(lv, self.eval_examples, batch_size=c.eval_batch_size,
+                                 max_new_tokens=c.eval_max_new_tokens, max_num_tiles=c.max_tiles)  # fmt: skip
+            record.update(eval_exact_match=em.accuracy, eval_n=em.n)
+        self.d.barrier()
+        self.runner.train()
+        if self.d.main:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.say("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in record.items()))  # fmt: skip
+        return record
+
+    # -- checkpoints
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full state dict on the main process (gathered from the shards under FSDP)."""
+        if not self.fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """AdamW's state keyed by parameter name (the same on one process, DDP and FSDP)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        names = {id(p): n for n, p in self.named_trainable}
+        raw = self.optimizer.state_dict()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        state = {names[id(params[i])]: entry for i, entry in raw["state"].items()}
+        groups = []
+        for g, raw_group in zip(self.optimizer.param_groups, raw["param_groups"]):
+            groups.append({**raw_group, "params": [names[id(p)] for p in g["params"]]})
+        return {"state": state, "param_groups": groups}
+
+    def save(self, name: str) -> Path:
+        state = self.model_state()
+        optimizer = self.optimizer_state()
+        rng = [ckpt.rng_state()]
+        if self.d.world > 1:
+            rng = [None] * self.d.world
+            dist.all_gather_object(rng, ckpt.rng_state())
+        path = self.output / name
+        if self.d.main:
+            tmp = ckpt.temporary_dir(self.output, name)
+            self.write_model(state, tmp)
+            (tmp / ckpt.STATE_DIR).mkdir()
+            ckpt.save_optimizer(optimizer, tmp / ckpt.STATE_DIR)
+            ckpt.save_rng(rng, tmp / ckpt.STATE_DIR)
+            trainer_state = {
+                "step": self.step,
+                "epoch": self.step // self.steps_per_epoch,
+                "offset": self.step % self.steps_per_epoch,
+                "global_batch": self.global_batch,
+                "total_steps": self.total_steps,
+                "config": self.config.to_dict(),
+            }
+            (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            ckpt.commit(tmp, self.output, name)
+            ckpt.prune(self.output, self.config.keep_checkpoints)
+        self.d.barrier()
+        return path
+
+    def write_model(self, state: dict[str, torch.Tensor], directory: Path) -> None:
+        if has_lora(self.model):
+            save_adapter(self.model, directory, base=self.config.model, state=state)
+            return
+        save_checkpoint(_StateView(self.model, state), directory)
+        self.copy_tokenizer(directory)
+
+    def copy_tokenizer(self, directory: Path) -> None:
+        """The tokenizer (and generation settings) next to a full checkpoint, so from_pretrained loads it.
+        Not the chat template: the model was trained on Meta's format, which is used without one."""
+        if self.config.model is None:
+            shutil.copy(self.tokenizer.path, directory / self.tokenizer.path.name)
+            return
+        for name in TOKENIZER_FILES:
+            if (Path(self.config.model) / name).is_file():
+                shutil.copy(Path(self.config.model) / name, directory / name)
+
+    def resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.output)
+        if path is None:
+            self.say(f"resume: no checkpoint in {self.output}; starting from the beginning")
+            return
+        saved = json.loads((path / ckpt.TRAINER_STATE).read_text())
+        if saved["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"resume: {path} was trained with a global batch of {saved['global_batch']}, this run has "
+                f"{self.global_batch}; the data order and the loss would not continue exactly"
+            )
+        if has_lora(self.model):
+            state = read_adapter(self.model, path)
+        else:
+            state = read_checkpoint_tensors(path)
+        self.load_model_state(state)
+        self.load_optimizer_state(ckpt.load_optimizer(path / ckpt.STATE_DIR))
+        ckpt.set_rng_state(ckpt.load_rng(path / ckpt.STATE_DIR, self.d.rank))
+        self.step = saved["step"]
+        self.say(f"resumed from {path} at step {self.step}")
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(
+                self.model, state, options=StateDictOptions(full_state_dict=True, strict=False)
+            )
+            return
+        current = self.model.state_dict()
+        with torch.no_grad():
+            for key, tensor in state.items():
+                current[key].copy_(tensor)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
+            return
+        index = {n: i for i, (n, _) in enumerate(_ordered(self.optimizer, self.named_trainable))}
+        raw = {
+            "state": {index[name]: entry for name, entry in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+        }
+        self.optimizer.load_state_dict(raw)
+
+
+def _ordered(
+    optimizer: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]]
+) -> Iterator[tuple[str, Any]]:
+    names = {id(p): n for n, p in named}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield names[id(p)], p
+
+
+def read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory we wrote (save_checkpoint), under our names."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        if file.name.startswith("model"):
+            state.update({hf_key(k): v for k, v in load_file(file).items()})
+    return state
+
+
+class _StateView:
+    """What `save_checkpoint` reads from a model (config, dtype, state_dict), over a given state dict."""
+
+    def __init__(self, model: LlamaVisionModel, state: dict[str, torch.Tensor]) -> None:
+        self.config, self.dtype, self._state = model.config, model.dtype, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated memory on a CUDA device; on the CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
+    trainer = Trainer(config, log=log)
+    trainer.prepare()
+    return trainer.run()
