@@ -11,7 +11,6 @@ import pytest
 import torch
 from reference import random_image
 
-from llama_vision.chat import render_chat
 from llama_vision.config import PRESETS
 from llama_vision.finetune.collate import IGNORE, Collator, encode_messages, marked_text
 from llama_vision.finetune.data import Example, load_examples
@@ -153,7 +152,7 @@ def test_label_mask_is_exactly_the_assistant_replies(tokenizer: Tokenizer) -> No
     assert len(image_positions) == 2 and all(encoded.labels[i] == IGNORE for i in image_positions)
     # the same ids as the processor gives for the rendered conversation (training == inference format)
     processor = Processor(tokenizer, CONFIG)
-    assert encoded.ids == processor._encode(render_chat(messages, add_generation_prompt=False))
+    assert encoded.ids == processor.encode_chat(messages, add_generation_prompt=False)
     # text-only conversation
     text_only = encode_messages(
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenizer
