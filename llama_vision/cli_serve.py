@@ -36,6 +36,9 @@ def add_serve_parser(commands: Any) -> None:
         "--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face or Meta)"
     )
     serve.add_argument(
+        "--adapter", metavar="DIR", help="a PEFT LoRA adapter to run on the model (without merging)"
+    )
+    serve.add_argument(
         "--model-name", metavar="ID", help="the model id clients send (default: the folder's name)"
     )
     net = serve.add_argument_group("network and access")
@@ -132,8 +135,11 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from llama_vision.api import LlamaVision
 
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"{args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     lv = LlamaVision.from_pretrained(
         args.model,
+        adapter=args.adapter,
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,

@@ -33,6 +33,15 @@ def test_bad_flags_fail_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path
     assert "holds no key" in capsys.readouterr().err
 
 
+def test_a_bad_adapter_fails_before_loading(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Callable[[int], Path]
+) -> None:
+    assert main(["serve", "--model", str(tiny_checkpoint(3)), "--adapter", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"llama-vision: error: {tmp_path}: not a PEFT adapter directory (no adapter_config.json)\n"
+    )
+
+
 def test_read_keys(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text("sk-one\n  sk-two  # the second\n# a comment\n\n")
