@@ -117,7 +117,6 @@ class Request:
         self.generator: torch.Generator | None = None
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._cancelled = False
-        self._read = 0
 
     def __iter__(self) -> Iterator[int]:
         while True:
@@ -494,7 +493,7 @@ class Engine:
         running = [(i, r) for i, r in enumerate(self._rows) if r is not None]
         last = running[-1][0] + 1
         length = max(r.length for _, r in running) + 1
-        image_tokens = max((cache_tokens(r) for _, r in running), default=0)
+        image_tokens = max((_image_slots(r) for _, r in running), default=0)
         if self.compiled:  # a bounded set of shapes: each compiles once
             n = next(s for s in self._sizes(self.max_batch) if s >= last)
             length = next(s for s in self._sizes(self.max_length, 128) if s >= length)
@@ -643,7 +642,7 @@ def _close_all() -> None:
         engine.close()
 
 
-def cache_tokens(request: Request) -> int:
+def _image_slots(request: Request) -> int:
     """Image slots a running request uses in its row's pool."""
     return 0 if request.image_kv is None else request.image_kv[0][0].shape[2]
 
