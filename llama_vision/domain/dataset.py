@@ -87,22 +87,69 @@ def example(split: str, seed: int, index: int, variant: str | None = None) -> Ex
             return Example(picture, qa)
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """A picture and several questions about it, asked in turn (a multi-turn training example)."""
+
+    picture: Scene | TextPicture
+    qas: tuple[QA, ...]
+
+    def image(self) -> Image.Image:
+        return render(self.picture)
+
+    def messages(self, image: object) -> list[dict]:
+        messages: list[dict] = []
+        for k, qa in enumerate(self.qas):
+            text = {"type": "text", "text": qa.question}
+            content = [{"type": "image", "image": image}, text] if k == 0 else [text]
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": qa.answer}]
+        return messages
+
+
+def conversation(split: str, seed: int, index: int) -> Conversation:
+    """Conversation `index` of a split: even indices are printed text with its one question; odd ones a
+    scene with a question of every type it allows, in random order (each type comes first as often).
+    Seeded apart from `example` (`{split}/conversation/...`), so never equal to an evaluation example."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    rng = random.Random(f"{split}/conversation/{seed}/{index}")
+    if index % 2 == 0:
+        picture = sample_text_picture(rng)
+        return Conversation(picture, (ask(picture, "text", rng),))
+    picture = sample_scene(rng, min_shapes=2 if rng.random() < 0.8 else 1)
+    kinds = list(SCENE_TYPES)
+    rng.shuffle(kinds)
+    qas = tuple(qa for kind in kinds if (qa := ask(picture, kind, rng)) is not None)
+    return Conversation(picture, qas)
+
+
 def generate_dataset(
-    out_dir: str | Path, n: int, seed: int = 0, *, split: str = "train", variant: str | None = None
+    out_dir: str | Path,
+    n: int,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    variant: str | None = None,
+    conversations: bool = False,
 ) -> Path:
-    """Write n examples as `out_dir/{split}.jsonl` with images in `out_dir/img/`; returns the JSONL path."""
+    """Write n examples as `out_dir/{split}.jsonl` with images in `out_dir/img/`; returns the JSONL path.
+    With `conversations`, each record is a `Conversation` (several questions about one picture)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if conversations and variant is not None:
+        raise ValueError("robustness variants are single questions; drop --conversations")
     out_dir = Path(out_dir)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
     name = split if variant is None else f"{split}-{variant}"
+    name += "-conversations" if conversations else ""
     path = out_dir / f"{name}.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
-            ex = example(split, seed, i, variant)
+            ex = conversation(split, seed, i) if conversations else example(split, seed, i, variant)
             image = f"img/{name}-{i:06d}.png"
             ex.image().save(out_dir / image)
-            record = {"messages": ex.messages(image), "type": ex.qa.type}
+            types = [qa.type for qa in ex.qas] if conversations else ex.qa.type
+            record = {"messages": ex.messages(image), "type": types}
             f.write(json.dumps(record) + "\n")
     return path
 
@@ -116,9 +163,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help="a robustness variant (eval only)")
+    parser.add_argument(
+        "--conversations",
+        action="store_true",
+        help="several questions a picture, as turns of one conversation (half text pictures); "
+        "writes {split}-conversations.jsonl",
+    )
     args = parser.parse_args(argv)
     try:
-        path = generate_dataset(args.out_dir, args.n, args.seed, split=args.split, variant=args.variant)
+        path = generate_dataset(
+            args.out_dir, args.n, args.seed, split=args.split, variant=args.variant,
+            conversations=args.conversations,
+        )  # fmt: skip
     except (ValueError, OSError) as e:
         parser.exit(2, f"llama-vision: error: {e}\n")
     print(path)
