@@ -62,6 +62,26 @@ _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
+def hf_preprocessor_config(tile_size: int, max_num_tiles: int) -> dict:
+    """preprocessor_config.json of a checkpoint, as the hub's (REFERENCE.md 1.7) at this tile size, so
+    transformers' MllamaProcessor reads a saved checkpoint with the transform above."""
+    return {
+        "image_processor_type": "MllamaImageProcessor",
+        "processor_class": "MllamaProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": tile_size, "width": tile_size},
+        "resample": 2,  # PIL BILINEAR
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
+        "do_pad": True,
+        "max_image_tiles": max_num_tiles,
+    }
+
+
 # ----------------------------------------------------------------------------- loading
 
 

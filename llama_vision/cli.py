@@ -1,5 +1,9 @@
 """The command line: `llama-vision ask --model DIR --image photo.jpg "What is in this picture?"`.
 
+Without `--model`, the embedded model that ships with the package answers; `--image` takes a file or
+the name of an example picture (llama_vision/bundled.py): `llama-vision ask --image shapes "How many
+shapes are there?"`.
+
 The prompt is the argument, or comes from standard input (`-`) or a file (`--prompt-file PATH`), for
 prompts longer than the system's argument limit. Text arguments and prompt files must be UTF-8; that
 is checked first, with the other options. Ctrl-C is handled by `llama_vision.entry`, the installed
@@ -30,6 +34,7 @@ from typing import Any, NoReturn
 
 from llama_vision import cli_estimate
 from llama_vision.api import LlamaVision
+from llama_vision.bundled import EXAMPLES, model_dir, resolve_image
 from llama_vision.cli_finetune import add_commands as add_finetune_commands
 from llama_vision.cli_serve import add_serve_parser
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
@@ -70,10 +75,16 @@ def build_parser() -> Parser:
         "--prompt-file", metavar="PATH", help="read the question from a UTF-8 file (- for stdin)"
     )
     ask.add_argument(
-        "--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face or Meta)"
+        "--model",
+        metavar="DIR",
+        help="checkpoint directory (Hugging Face or Meta); default: the embedded model that ships with the package",
     )
     ask.add_argument(
-        "--image", action="append", default=[], metavar="PATH", help="an image; repeat for several, in order"
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=f"an image file, or an example picture by name ({', '.join(EXAMPLES)}); repeat for several, in order",
     )
     ask.add_argument("--system", metavar="TEXT", help="system prompt")
 
@@ -177,6 +188,7 @@ def ask_command(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"argument --{name.replace('_', '-')}: {e}") from None
 
+    args.model = model_dir(args.model)
     if is_text_checkpoint(args.model):  # a text-only Llama (llama.py): no images, no tiles
         read_llama_config(args.model)  # a broken config fails here
         if args.image or args.max_tiles is not None:
@@ -188,7 +200,7 @@ def ask_command(args: argparse.Namespace) -> int:
         raise UsageError(
             f"argument --max-tiles: this model takes at most {limit} tiles, got {args.max_tiles}"
         )
-    images = [load_image(path) for path in args.image]
+    images = [load_image(resolve_image(path)) for path in args.image]
     usable_device(args.device)
 
     lv = LlamaVision.from_pretrained(

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llama_vision.bundled import model_dir
+
 ENV_KEY = "LLAMA_VISION_API_KEY"
 
 
@@ -33,7 +35,9 @@ def add_serve_parser(commands: Any) -> None:
         description="Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions).",
     )
     serve.add_argument(
-        "--model", required=True, metavar="DIR", help="checkpoint directory (Hugging Face or Meta)"
+        "--model",
+        metavar="DIR",
+        help="checkpoint directory (Hugging Face or Meta); default: the embedded model that ships with the package",
     )
     serve.add_argument(
         "--adapter", metavar="DIR", help="a PEFT LoRA adapter to run on the model (without merging)"
@@ -109,6 +113,7 @@ def serve_command(args: argparse.Namespace) -> int:
         keys += read_keys(args.api_key_file)
     if os.environ.get(ENV_KEY):
         keys.append(os.environ[ENV_KEY])
+    args.model = model_dir(args.model)
     read_config(args.model)  # a missing or broken checkpoint fails here, before the weights load
     try:
         settings = Settings(

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llama_vision.config import LlamaVisionConfig
+from llama_vision.encoders.image_transform import hf_preprocessor_config
 from llama_vision.meta_checkpoint import is_meta_checkpoint, load_meta_shards, meta_tensors
 from llama_vision.model import LlamaVisionModel
 from llama_vision.reading import (
@@ -236,7 +237,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def save_checkpoint(model: LlamaVisionModel, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and sharded safetensors in the Hugging Face hub layout."""
+    """Write config.json, preprocessor_config.json and sharded safetensors in the Hugging Face hub layout."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -252,6 +253,9 @@ def save_checkpoint(model: LlamaVisionModel, path: str | Path, *, max_shard_byte
     config = model.config.to_hf()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    vision = model.config.vision
+    preprocessor = hf_preprocessor_config(vision.image_size, vision.max_num_tiles)
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
         return

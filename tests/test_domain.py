@@ -29,6 +29,7 @@ from llama_vision.domain import (
     generate_dataset,
     render,
 )
+from llama_vision.domain.dataset import SCENE_TYPES, conversation
 from llama_vision.domain.scenes import FONT_DIR, PLURALS, TextPicture, font
 from llama_vision.processor import Processor
 from llama_vision.tokenizer import Tokenizer
@@ -223,3 +224,31 @@ def test_generate_dataset(tmp_path: Path) -> None:
         assert assistant["content"] == example("eval", 3, i).qa.answer
     with pytest.raises(ValueError, match="unknown split"):
         generate_dataset(tmp_path, 1, split="test")
+
+
+def test_conversations_ask_every_type_a_picture_allows(tmp_path: Path) -> None:
+    talks = [conversation("train", 0, i) for i in range(40)]
+    assert talks[5] == conversation("train", 0, 5)
+    assert {repr(t.picture) for t in talks}.isdisjoint(repr(e.picture) for e in EXAMPLES)
+    for i, talk in enumerate(talks):
+        types = [qa.type for qa in talk.qas]
+        if i % 2 == 0:
+            assert isinstance(talk.picture, TextPicture) and types == ["text"]
+            continue
+        assert len(types) == len(set(types)) and set(types) <= set(SCENE_TYPES)
+        assert {"count", "count_of", "exists", "describe"} <= set(types)  # askable of any scene
+        answers = {qa.type: qa.answer for qa in talk.qas}
+        assert answers["count"] == str(len(talk.picture.shapes))
+        assert answers["describe"] == describe(talk.picture)
+    firsts = Counter(t.qas[0].type for t in (conversation("train", 0, i) for i in range(1, 400, 2)))
+    assert set(firsts) == set(SCENE_TYPES)  # every type leads some conversations
+    path = generate_dataset(tmp_path, 4, split="train", conversations=True)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path.name == "train-conversations.jsonl" and records[1]["type"] == [qa.type for qa in talks[1].qas]
+    for record, talk in zip(records, talks):
+        validate_messages(record["messages"])
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"] * len(talk.qas)
+        kinds = [[c["type"] for c in m["content"]] for m in record["messages"][2::2]]
+        assert all(k == ["text"] for k in kinds)  # the picture comes once, in the first turn
+    with pytest.raises(ValueError, match="variants"):
+        generate_dataset(tmp_path, 1, split="eval", variant="border", conversations=True)

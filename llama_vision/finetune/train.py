@@ -603,14 +603,15 @@ class Trainer:
         self.copy_tokenizer(directory)
 
     def copy_tokenizer(self, directory: Path) -> None:
-        """The tokenizer (and generation settings) next to a full checkpoint, so from_pretrained loads it.
-        Not the chat template: the model was trained on Meta's format, which is used without one."""
+        """The tokenizer files (and generation settings) next to a full checkpoint, so from_pretrained and
+        transformers load it: the base checkpoint's, or, from scratch, the tokenizer file and what its
+        folder holds of the same files (tokenizer_config.json with the chat template, generation_config.json)."""
+        source = Path(self.config.model) if self.config.model is not None else self.tokenizer.path.parent
         if self.config.model is None:
             shutil.copy(self.tokenizer.path, directory / self.tokenizer.path.name)
-            return
         for name in TOKENIZER_FILES:
-            if (Path(self.config.model) / name).is_file():
-                shutil.copy(Path(self.config.model) / name, directory / name)
+            if (source / name).is_file() and not (directory / name).exists():
+                shutil.copy(source / name, directory / name)
 
     def resume(self) -> None:
         path = ckpt.latest_checkpoint(self.output)
