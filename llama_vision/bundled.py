@@ -67,7 +67,7 @@ def resolve_image(value: str) -> str:
         return value
     if value in EXAMPLES:
         return str(example_path(value))
-    raise FileNotFoundError(f"no such image file: {value} (nor an example image: {', '.join(EXAMPLES)})")
+    raise FileNotFoundError(f"no such image file: {value!r} (nor an example image: {', '.join(EXAMPLES)})")
 
 
 def write_examples(directory: Path = EXAMPLES_DIR) -> list[Path]:

@@ -86,6 +86,18 @@ def test_recipe_trains_the_preset_with_its_tokenizer() -> None:
     assert recipe["max_tiles"] == CONFIG.vision.max_num_tiles
 
 
+def test_from_scratch_opens_every_gate() -> None:
+    from llama_vision.finetune.train import GATES, init_weights
+
+    model = LlamaVisionModel(CONFIG)
+    init_weights(model, seed=0)
+    gates = {n: float(p.detach()) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in GATES}
+    # two cross-attention layers (attention and MLP), two global vision layers (attention and FFN), and
+    # the three gated position embeddings
+    assert len(gates) == 2 * 2 + 2 * 2 + 3 and set(gates.values()) == {0.5}
+    assert all(p.numel() == 1 for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in GATES)
+
+
 def _accuracy_script():
     spec = importlib.util.spec_from_file_location(
         "embedded_accuracy", ROOT / "bench" / "embedded_accuracy.py"
@@ -157,3 +169,4 @@ def test_tokenizer_file_is_what_the_corpus_trains(tmp_path: Path) -> None:
     write_tokenizer(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert json.loads((tmp_path / name).read_text()) == json.loads((EMBEDDED / name).read_text()), name
+    assert (tmp_path / "chat_template.jinja").read_text() == (EMBEDDED / "chat_template.jinja").read_text()

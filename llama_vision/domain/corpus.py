@@ -125,6 +125,8 @@ def write_tokenizer(directory: str | Path, bpe_tokens: int = BPE_TOKENS) -> Path
         "chat_template": CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # The same template where transformers' processor (AutoProcessor) looks for it.
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     ids = {name: tok.token_to_id(name) for name in (BOS, EOS, EOM, EOT, PAD)}
     generation = {  # greedy, stopping at the end of a turn or of the text, like an Instruct checkpoint
         "bos_token_id": ids[BOS],

@@ -57,8 +57,11 @@ from llama_vision.tokenizer import Tokenizer
 from llama_vision.weights import hf_key, load_checkpoint, save_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The tanh gates: cross-attention layers (attention, MLP), the vision encoder's global layers and its
+# tile-position embeddings (module names as in the Hugging Face checkpoints).
+GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate", "gate_attn", "gate_ffn", "gate")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")  # fmt: skip
+                   "generation_config.json", "chat_template.jinja")  # fmt: skip
 
 
 class TrainingStopped(RuntimeError):
@@ -92,15 +95,22 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[LlamaVisionM
 
 
 @torch.no_grad()
-def init_weights(model: LlamaVisionModel, seed: int, std: float = 0.02) -> None:
-    """Initialise a model trained from scratch: normal(0, std) matrices and embeddings, zero biases;
-    norms stay 1 and gates 0 as constructed (a fresh cross-attention layer passes text through)."""
+def init_weights(model: LlamaVisionModel, seed: int, std: float = 0.02, gate: float = 0.5) -> None:
+    """Initialise a model trained from scratch: normal(0, std) matrices and embeddings, zero biases,
+    norms 1, and every tanh gate at `gate`. The constructor's zero gates suit new cross-attention layers
+    in a trained text model (they pass its text through), but from scratch they stall learning: what a
+    zero gate holds back gets no gradient, so neither the vision encoder nor the cross-attention layers
+    learn until the gates creep open (after 250 steps of the embedded recipe they were still below 0.02
+    and answers were at chance)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             module.weight.normal_(0.0, std, generator=g)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in GATES:
+            p.fill_(gate)
     vision = model.vision_model
     for p in (vision.class_embedding, *vision.gated_positional_embedding.parameters()):
         if p.dim() > 1 or p is vision.class_embedding:
