@@ -27,9 +27,7 @@ def add_demo_parser(commands: Any) -> None:
         help="chat about images in the browser (Gradio)",
         description="Chat about images with the model in the browser (a Gradio app).",
     )
-    demo.add_argument(
-        "--model", metavar="DIR", help="checkpoint directory (default: the embedded model)"
-    )
+    demo.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded model)")
     demo.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter to run on the model")
     demo.add_argument("--device", type=device, default="cpu", help=f"{DEVICE_NAMES} (default: cpu)")
     demo.add_argument("--dtype", type=dtype, help=f"weight dtype: {DTYPE_NAMES} (default: as stored)")

@@ -69,9 +69,15 @@ def build_demo(
         gr.Slider(0.05, 1.0, value=generation.top_p, step=0.05, label="Top-p (1: off)"),
         gr.Slider(0, 200, value=generation.top_k, step=1, label="Top-k (0: off)"),
         gr.Slider(
-            1, max_length - 1, value=min(DEFAULT_MAX_NEW_TOKENS, max_length - 1), step=1, label="Max new tokens"
+            1,
+            max_length - 1,
+            value=min(DEFAULT_MAX_NEW_TOKENS, max_length - 1),
+            step=1,
+            label="Max new tokens",
         ),
-        gr.Slider(1.0, 2.0, value=generation.repetition_penalty, step=0.05, label="Repetition penalty (1: off)"),
+        gr.Slider(
+            1.0, 2.0, value=generation.repetition_penalty, step=0.05, label="Repetition penalty (1: off)"
+        ),
         gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: a fresh one each answer)"),
     ]
     if vision is not None:  # text-only Llamas have no tiles
@@ -276,7 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llama_vision.cli import main as cli_main
 
     return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
 
 
 def domain_examples(directory: str | Path, kinds: Sequence[int] = (0, 2, 4, 6)) -> list[tuple[Path, str]]:
