@@ -101,7 +101,7 @@ def build_demo(
             chatbot=chatbot,
             textbox=textbox,
             additional_inputs=settings,
-            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False, elem_id="settings"),
             examples=[[{"text": q, "files": [str(p)]}] + [None] * len(settings) for p, q in examples] or None,
             api_name="chat",
             fill_height=True,
