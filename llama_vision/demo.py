@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_vision.api import LlamaVision
+from llama_vision.cli import main as cli_main
 from llama_vision.encoders.image_transform import load_image
 from llama_vision.engine import QueueFull
+from llama_vision.generation import Answer
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -67,7 +70,7 @@ def build_demo(
         gr.Textbox("", label="System prompt", placeholder="none", lines=2),
         gr.Slider(0.0, 2.0, value=generation.temperature, step=0.05, label="Temperature (0: greedy)"),
         gr.Slider(0.05, 1.0, value=generation.top_p, step=0.05, label="Top-p (1: off)"),
-        gr.Slider(0, 200, value=generation.top_k, step=1, label="Top-k (0: off)"),
+        gr.Slider(0, max(200, generation.top_k), value=generation.top_k, step=1, label="Top-k (0: off)"),
         gr.Slider(
             1,
             max_length - 1,
@@ -76,13 +79,19 @@ def build_demo(
             label="Max new tokens",
         ),
         gr.Slider(
-            1.0, 2.0, value=generation.repetition_penalty, step=0.05, label="Repetition penalty (1: off)"
+            min(1.0, generation.repetition_penalty),
+            max(2.0, generation.repetition_penalty),
+            value=generation.repetition_penalty,
+            step=0.05,
+            label="Repetition penalty (1: off)",
         ),
         gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: a fresh one each answer)"),
     ]
-    if vision is not None:  # text-only Llamas have no tiles
+    if vision is not None:  # text-only Llamas have no tiles, and no use for the example pictures
         n = vision.max_num_tiles
         settings.append(gr.Slider(1, n, value=n, step=1, label="Max tiles per image"))
+    else:
+        examples = ()
 
     chatbot = gr.Chatbot(label=model_name, height=520, placeholder="Upload a picture and ask about it.")
     textbox = gr.MultimodalTextbox(
@@ -101,7 +110,9 @@ def build_demo(
             chatbot=chatbot,
             textbox=textbox,
             additional_inputs=settings,
-            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False, elem_id="settings"),
+            additional_inputs_accordion=gr.Accordion(
+                "Settings", open=False, render=False, elem_id="settings"
+            ),
             examples=[[{"text": q, "files": [str(p)]}] + [None] * len(settings) for p, q in examples] or None,
             api_name="chat",
             fill_height=True,
@@ -118,12 +129,15 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
 
 
 def model_panel(lv: LlamaVision, name: str) -> str:
-    parameters = sum(p.numel() for p in lv.model.parameters())
-    weight = next(lv.model.parameters())
+    """The model's name, kind, parameter count, weight bytes, dtype and device, in one Markdown line."""
+    parameters = list(lv.model.parameters())
+    count = sum(p.numel() for p in parameters)
+    size = sum(p.numel() * p.element_size() for p in parameters)
     kind = "vision" if lv.config.vision is not None else "text-only"
+    dtype = str(parameters[0].dtype).removeprefix("torch.")
     return (
-        f"**Model** `{name}` ({kind}) · **{parameters:,}** parameters · **{str(weight.dtype).removeprefix('torch.')}**"
-        f" · **{weight.device}** · up to {lv.engine.max_batch} answers decoded together"
+        f"**Model** `{name}` ({kind}) · **{count:,}** parameters ({size / 1e6:,.1f} MB) · **{dtype}**"
+        f" · **{lv.model.device}** · up to {lv.engine.max_batch} answers decoded together"
     )
 
 
@@ -257,7 +271,7 @@ def error(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": f"⚠️ {text}", "metadata": {"id": ERROR}}
 
 
-def figures(answer: Any, start: float) -> dict[str, Any]:
+def figures(answer: Answer, start: float) -> dict[str, Any]:
     """The figures message under an answer: shown as a collapsed thought with the numbers in its title."""
     first, end = answer.request.first_token_time, time.monotonic()
     n = answer.completion_tokens
@@ -277,10 +291,6 @@ def figures(answer: Any, start: float) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python demos/app.py ...`: the same options and errors as `llama-vision demo ...`."""
-    import sys
-
-    from llama_vision.cli import main as cli_main
-
     return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
