@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from demo_server import EMBEDDED_WEIGHTS, random_checkpoint, served
+from PIL import Image
 
 from llama_vision import LlamaVision
 from llama_vision.cli import main
@@ -147,6 +148,15 @@ def test_bad_uploads_get_a_message_and_the_next_question_works(
     path, _ = picture(tmp_path, 2)
     truncated.write_bytes(path.read_bytes()[:300])
     assert "cut.png" in ask(client, "And this one?", truncated)["content"]
+    huge = tmp_path / "huge.png"
+    Image.new("1", (40_000_001, 1)).save(huge)  # a few kB of PNG, over the demo's 40 megapixels
+    reply = ask(client, "How big?", huge)
+    assert reply["metadata"]["id"] == ERROR and "huge.png" in reply["content"]
+    assert "40,000,000" in reply["content"] or "40000000" in reply["content"], reply["content"]
+    big = tmp_path / "big.png"
+    big.write_bytes(path.read_bytes() + bytes(11 << 20))  # over the 10 MB upload limit
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        ask(client, "And this?", big)
     text_file = tmp_path / "notes.txt"
     text_file.write_text("hello")
     with pytest.raises(AppError, match="Invalid file type"):  # outside the allow-list: Gradio refuses it
@@ -265,7 +275,7 @@ def test_conversation_from_both_history_shapes(tmp_path: Path) -> None:
 
 
 def test_demo_command_checks_its_flags_before_loading(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert main(["demo", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
@@ -274,6 +284,12 @@ def test_demo_command_checks_its_flags_before_loading(
     assert err.startswith("llama-vision: error: ") and err.count("\n") == 1
     assert main(["demo", "--model", str(tmp_path), "--device", "gpu"]) == 2
     assert "'cuda'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the demo extra were not installed
+    assert main(["demo", "--model", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        "llama-vision: error: the demo needs gradio: pip install 'llama-vision[demo]'\n"
+    )
+    monkeypatch.undo()
     if not EMBEDDED_WEIGHTS.exists():
         assert main(["demo"]) == 1
         assert "give a checkpoint directory with --model DIR" in capsys.readouterr().err
