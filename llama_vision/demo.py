@@ -16,7 +16,8 @@ answers stream piece by piece. Non-obvious choices:
 - Stop: Gradio cancels the event and closes this generator; closing an `Answer`'s iteration cancels
   its engine request, so the row is free at the next step.
 - Under each answer, a collapsed "thought" message carries its figures: time to first token (from the
-  moment the turn reached the engine: image decoding, queueing and prefill included), decode tokens/s
+  moment the conversation goes to `lv.submit`: image preprocessing, waiting for a row and prefill
+  included), decode tokens/s
   (tokens after the first over the time after the first), prompt tokens and image tokens (as the
   cross-attention layers see them, padding tiles included).
 - Messages the demo adds (figures, errors) are tagged in their metadata and left out of the
@@ -50,7 +51,8 @@ IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"
 MAX_FILE_SIZE = "10mb"
 MAX_IMAGE_PIXELS = 40_000_000  # about 6,300 x 6,300: far beyond any tile grid, far below a decompression bomb
 DEFAULT_MAX_NEW_TOKENS = 512
-FIGURES, ERROR = "llama-vision-figures", "llama-vision-error"  # metadata ids of the messages we add
+# Metadata ids of the messages the demo adds (Gradio shows a message with an id but no title as usual).
+FIGURES, ERROR, EMPTY = "llama-vision-figures", "llama-vision-error", "llama-vision-empty"
 
 
 def build_demo(
@@ -158,7 +160,10 @@ def respond(
     try:
         turn = user_content(message.get("text") or "", message.get("files") or [])
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + conversation(history)
-        messages.append({"role": "user", "content": turn})
+        if messages and messages[-1]["role"] == "user":  # the last turn was stopped before its answer
+            messages[-1] = {"role": "user", "content": messages[-1]["content"] + turn}
+        else:
+            messages.append({"role": "user", "content": turn})
         start = time.monotonic()
         answer = lv.submit(
             messages,
@@ -182,7 +187,10 @@ def respond(
     except Exception as e:  # a failed engine step fails its requests; the session goes on
         yield error(f"generation failed: {e}")
         return
-    yield [{"role": "assistant", "content": answer.text or "(empty answer)"}, figures(answer, start)]
+    text = {"role": "assistant", "content": answer.text}
+    if not answer.text:  # an end-of-turn token came first: say so (the note is not part of the conversation)
+        text = {**text, "content": "(empty answer)", "metadata": {"id": EMPTY}}
+    yield [text, figures(answer, start)]
 
 
 def user_content(text: str, files: Sequence[Any]) -> list[dict[str, Any]]:
@@ -211,9 +219,10 @@ def image(file: Any) -> Any:
 
 
 def conversation(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chat so far as model messages: consecutive user entries (Gradio keeps each file apart from
-    the text) form one user turn, the answer after it one assistant turn. Turns answered with an error,
-    or whose images no longer decode, are left out with their answers, as are the figures."""
+    """The chat so far as model messages: each user turn with the answer after it. Consecutive user
+    entries (a turn stopped before its answer began, then the next) form one user turn. Turns answered
+    with an error, or whose images no longer decode, are left out with their answers; the messages the
+    demo adds (figures, the empty-answer note) are not the model's words."""
     messages: list[dict[str, Any]] = []
     for users, answers in _exchanges(history):
         if any(_tag(m) == ERROR for m in answers):
@@ -222,11 +231,11 @@ def conversation(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             content = [item for m in users for item in _user_items(m)]
         except ValueError:
             continue
-        if content:
-            messages.append({"role": "user", "content": content})
-        text = "".join(_text(m) for m in answers if _tag(m) is None)
-        if text:
-            messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "user", "content": content})
+        if answers:
+            messages.append(
+                {"role": "assistant", "content": "".join(_text(m) for m in answers if not _tag(m))}
+            )
     return messages
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from llama_vision import LlamaVision
 from llama_vision.cli import main
-from llama_vision.demo import ERROR, FIGURES, conversation, respond
+from llama_vision.demo import EMPTY, ERROR, FIGURES, conversation, respond
 from llama_vision.domain import example
 
 
@@ -328,3 +328,33 @@ def test_the_embedded_model_answers_right(tmp_path_factory: pytest.TempPathFacto
             assert text.strip().rstrip(".") == str(len(ex.picture.shapes))
     finally:
         lv.engine.close()
+
+
+def test_an_empty_answer_and_a_stopped_last_turn(lv: LlamaVision) -> None:
+    """An empty answer's note is not the model's words; a last turn stopped before its answer began
+    joins the new question (the model sees one user turn, as after any other unanswered turn)."""
+    history = [
+        {"role": "user", "content": ["Hi."]},
+        {"role": "assistant", "content": "(empty answer)", "metadata": {"id": EMPTY}},
+        {"role": "assistant", "content": "0 tokens", "metadata": {"id": FIGURES}},
+        {"role": "user", "content": ["Tell me a story."]},
+    ]
+    assert conversation(history) == [
+        {"role": "user", "content": [{"type": "text", "text": "Hi."}]},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]},
+    ]
+    *_, final = respond(lv, {"text": "A short one.", "files": []}, history, "", 0.0, 1.0, 0, 4, 1.0, 0, 4)
+    _, numbers = figures_of(final)
+    expected = [
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": ""},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Tell me a story."},
+                {"type": "text", "text": "A short one."},
+            ],
+        },
+    ]
+    assert numbers["prompt"] == prompt_length(lv, expected)
