@@ -1,7 +1,7 @@
 """`llama-vision demo`: the Gradio demo (llama_vision/demo.py) on a checkpoint, in the browser.
 
 Binds to 127.0.0.1 unless `--host` says otherwise; `--share` (off by default) asks Gradio for a public
-link. Without `--model` it runs the embedded model once its weights are in the package. Flags, the
+link. The page has no login, so either of those prints a warning. Without `--model` it runs the embedded model once its weights are in the package. Flags, the
 checkpoint's config and the device are checked before the weights load; gradio (the `demo` extra) is
 imported only when this command runs, with a clear message when it is missing.
 """
@@ -48,6 +48,7 @@ def add_demo_parser(commands: Any) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from llama_vision.cli_serve import _loopback
     from llama_vision.options import usable_device
     from llama_vision.weights import read_config
 
@@ -60,6 +61,10 @@ def demo_command(args: argparse.Namespace) -> int:
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ValueError(f"{args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     usable_device(args.device)
+    if not _loopback(args.host) or args.share:
+        where = "a public Gradio link" if args.share else args.host
+        message = f"the demo on {where} has no login: anyone who reaches it can use the model"
+        print(f"llama-vision: warning: {message}", file=sys.stderr)
 
     from llama_vision.api import LlamaVision
     from llama_vision.demo import build_demo, domain_examples, launch
