@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from llama_vision import cli_estimate
+from llama_vision import cli_demo, cli_estimate
 from llama_vision.api import LlamaVision
-from llama_vision.cli_demo import add_demo_parser
 from llama_vision.cli_finetune import add_commands as add_finetune_commands
 from llama_vision.cli_serve import add_serve_parser
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
@@ -102,7 +101,7 @@ def build_parser() -> Parser:
     add_serve_parser(commands)
     cli_estimate.add_parser(commands)
     add_finetune_commands(commands)
-    add_demo_parser(commands)
+    cli_demo.add_parser(commands)
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import Any
 EMBEDDED = Path(__file__).parent / "embedded"
 
 
-def add_demo_parser(commands: Any) -> None:
+def add_parser(commands: Any) -> None:
     from llama_vision.cli import device, dtype
     from llama_vision.cli_serve import port, positive
     from llama_vision.options import DEVICE_NAMES, DTYPE_NAMES
