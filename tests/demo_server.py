@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from llama_vision import LlamaVision, LlamaVisionModel, save_checkpoint
@@ -17,6 +18,10 @@ from llama_vision.demo import build_demo, domain_examples, launch
 
 EMBEDDED = Path(__file__).parents[1] / "llama_vision" / "embedded"
 EMBEDDED_WEIGHTS = EMBEDDED / "model.safetensors"
+# The right-answer tests need the trained embedded model; they turn on by themselves when it lands.
+TRAINED = pytest.mark.skipif(
+    not EMBEDDED_WEIGHTS.exists(), reason="the embedded model is not trained yet (no weights)"
+)
 
 
 def random_checkpoint(path: Path, seed: int = 0) -> Path:
