@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from llama_vision import cli_estimate
+from llama_vision import cli_demo, cli_estimate
 from llama_vision.api import LlamaVision
 from llama_vision.bundled import EXAMPLES, model_dir, resolve_image
 from llama_vision.cli_finetune import add_commands as add_finetune_commands
@@ -112,6 +112,7 @@ def build_parser() -> Parser:
     add_serve_parser(commands)
     cli_estimate.add_parser(commands)
     add_finetune_commands(commands)
+    cli_demo.add_parser(commands)
     return parser
 
 
