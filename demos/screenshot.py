@@ -16,7 +16,8 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from llama_vision import LlamaVision
-from llama_vision.demo import build_demo, domain_examples, launch
+from llama_vision.bundled import EXAMPLES_DIR
+from llama_vision.demo import build_demo, bundled_examples, launch
 from llama_vision.domain import example
 
 
@@ -32,8 +33,8 @@ def main() -> None:
 
     lv = LlamaVision.from_pretrained(args.model)
     folder = Path(tempfile.mkdtemp(prefix="llama-vision-screenshot-"))
-    demo = build_demo(lv, model_name=Path(args.model).resolve().name, examples=domain_examples(folder))
-    launch(demo, port=args.port, prevent_thread_lock=True, quiet=True)
+    demo = build_demo(lv, model_name=Path(args.model).resolve().name, examples=bundled_examples())
+    launch(demo, port=args.port, prevent_thread_lock=True, quiet=True, allowed_paths=[str(EXAMPLES_DIR)])
     ex = example("eval", 0, args.index)
     picture = folder / "question.png"
     ex.image().save(picture)

@@ -1,8 +1,8 @@
 """`llama-vision demo`: the Gradio demo (llama_vision/demo.py) on a checkpoint, in the browser.
 
 Binds to 127.0.0.1 unless `--host` says otherwise; `--share` (off by default) asks Gradio for a public
-link. The page has no login, so either of those prints a warning. Without `--model` it runs the embedded model once its weights are in the package. Flags, the
-checkpoint's config and the device are checked before the weights load; gradio (the `demo` extra) is
+link. The page has no login, so either of those prints a warning. Without `--model` it runs the
+embedded model that ships with the package, with its example pictures. Flags, the checkpoint's config and the device are checked before the weights load; gradio (the `demo` extra) is
 imported only when this command runs, with a clear message when it is missing.
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-EMBEDDED = Path(__file__).parent / "embedded"
+from llama_vision.bundled import EXAMPLES_DIR, model_dir
 
 
 def add_parser(commands: Any) -> None:
@@ -56,7 +55,7 @@ def demo_command(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise RuntimeError("the demo needs gradio: pip install 'llama-vision[demo]'") from None
-    model = args.model or default_model()
+    model = model_dir(args.model)
     read_config(model)  # a missing or broken checkpoint fails here, before the weights load
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ValueError(f"{args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
@@ -67,7 +66,7 @@ def demo_command(args: argparse.Namespace) -> int:
         print(f"llama-vision: warning: {message}", file=sys.stderr)
 
     from llama_vision.api import LlamaVision
-    from llama_vision.demo import build_demo, domain_examples, launch
+    from llama_vision.demo import build_demo, bundled_examples, launch
 
     lv = LlamaVision.from_pretrained(
         model,
@@ -80,18 +79,6 @@ def demo_command(args: argparse.Namespace) -> int:
         max_images=args.max_images,
     )
     name = Path(model).resolve().name
-    folder = Path(tempfile.gettempdir()) / "llama-vision-demo-examples"
-    examples = domain_examples(folder)
-    demo = build_demo(lv, model_name=name, examples=examples, queue_size=args.queue_size)
-    launch(demo, host=args.host, port=args.port, share=args.share, allowed_paths=[str(folder)])
+    demo = build_demo(lv, model_name=name, examples=bundled_examples(), queue_size=args.queue_size)
+    launch(demo, host=args.host, port=args.port, share=args.share, allowed_paths=[str(EXAMPLES_DIR)])
     return 0
-
-
-def default_model() -> Path:
-    """The embedded model's folder, once its weights are in the package."""
-    if not (EMBEDDED / "model.safetensors").is_file():
-        raise ValueError(
-            "the embedded model's weights are not in this installation yet; "
-            "give a checkpoint directory with --model DIR"
-        )
-    return EMBEDDED

@@ -303,19 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
-def domain_examples(directory: str | Path, kinds: Sequence[int] = (0, 2, 4, 6)) -> list[tuple[Path, str]]:
-    """Example pictures for the page, drawn by the embedded model's domain generator and written to
-    `directory` as PNG: (path, question) pairs. `kinds` index the question types (0 colour, 2 count,
-    4 position, 6 text)."""
-    from llama_vision.domain import example
+def bundled_examples() -> list[tuple[Path, str]]:
+    """The package's example pictures (llama_vision/bundled.py) with their questions: (path, question)."""
+    from llama_vision.bundled import EXAMPLES, example_path
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for i in kinds:
-        ex = example("eval", 13, i)
-        path = directory / f"example-{i}-{ex.qa.type}.png"
-        if not path.exists():
-            ex.image().save(path)
-        pairs.append((path, ex.qa.question))
-    return pairs
+    return [(example_path(name), entry.question) for name, entry in EXAMPLES.items()]

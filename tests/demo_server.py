@@ -9,19 +9,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 
 from llama_vision import LlamaVision, LlamaVisionModel, save_checkpoint
+from llama_vision.bundled import EXAMPLES_DIR
 from llama_vision.config import get_preset
-from llama_vision.demo import build_demo, domain_examples, launch
+from llama_vision.demo import build_demo, bundled_examples, launch
 
 EMBEDDED = Path(__file__).parents[1] / "llama_vision" / "embedded"
-EMBEDDED_WEIGHTS = EMBEDDED / "model.safetensors"
-# The right-answer tests need the trained embedded model; they turn on by themselves when it lands.
-TRAINED = pytest.mark.skipif(
-    not EMBEDDED_WEIGHTS.exists(), reason="the embedded model is not trained yet (no weights)"
-)
 
 
 def random_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -41,9 +36,9 @@ def free_port() -> int:
 @contextmanager
 def served(lv: LlamaVision, examples_dir: Path) -> Iterator[str]:
     """The demo of `lv` running in this process; yields its URL."""
-    demo = build_demo(lv, model_name="test-model", examples=domain_examples(examples_dir))
+    demo = build_demo(lv, model_name="test-model", examples=bundled_examples())
     port = free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True, allowed_paths=[str(EXAMPLES_DIR)])
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

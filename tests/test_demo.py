@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from demo_server import EMBEDDED_WEIGHTS, TRAINED, random_checkpoint, served
+from demo_server import random_checkpoint, served
 from PIL import Image
 
 from llama_vision import LlamaVision
@@ -290,9 +290,6 @@ def test_demo_command_checks_its_flags_before_loading(
         "llama-vision: error: the demo needs gradio: pip install 'llama-vision[demo]'\n"
     )
     monkeypatch.undo()
-    if not EMBEDDED_WEIGHTS.exists():
-        assert main(["demo"]) == 1
-        assert "give a checkpoint directory with --model DIR" in capsys.readouterr().err
 
 
 def test_app_script_runs_from_any_directory(tmp_path: Path) -> None:
@@ -307,14 +304,13 @@ def test_app_script_runs_from_any_directory(tmp_path: Path) -> None:
     assert result.stderr.startswith("llama-vision: error: ") and result.stderr.count("\n") == 1
 
 
-@TRAINED
 def test_the_embedded_model_answers_right(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """Through the demo, answers equal `lv.chat`'s on the same conversation (first turns and a
     follow-up), and most colour and yes/no questions about fresh pictures are answered right: at least
     10 of 16 (chance is about 5; the 18:00 training run's weights gave 11)."""
-    from llama_vision.cli_demo import default_model
+    from llama_vision.bundled import EMBEDDED_DIR
 
-    lv = LlamaVision.from_pretrained(default_model())
+    lv = LlamaVision.from_pretrained(EMBEDDED_DIR)
     try:
         with served(lv, tmp_path_factory.mktemp("examples")) as url:
             right = 0
