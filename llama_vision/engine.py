@@ -431,62 +431,107 @@ class Engine:
                 self._free(i)
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens_per_step
-        while budget > 0:
-            with self._lock:
-                free = next((i for i, r in enumerate(self._rows) if r is None), None)
-                if free is None or not self._waiting:
-                    return
+        """Take the waiting requests that fit (a free row each, room in `max_cache_tokens`, and together
+        within `prefill_tokens_per_step`, the first always) and prefill them together."""
+        with self._lock:
+            free = [i for i, r in enumerate(self._rows) if r is None]
+            batch: list[tuple[int, Request]] = []
+            tokens = 0
+            while self._waiting and len(batch) < len(free):
                 request = self._waiting[0]
                 need = request.prompt_tokens + request.max_new_tokens
+                cost = request.prompt_tokens + request.image_tokens
                 if self._reserved + need > self.max_cache_tokens:
-                    return  # first in, first out: the head waits for room
+                    break  # first in, first out: the head waits for room
+                if batch and tokens + cost > self.prefill_tokens_per_step:
+                    break
                 self._waiting.popleft()
-                self._rows[free] = request
+                row = free[len(batch)]
+                self._rows[row] = request
                 self._reserved += need
-            budget -= request.prompt_tokens + request.image_tokens
-            start = time.perf_counter()
-            try:
-                self._prefill(request, free)
-                self.totals["prefill_s"] += time.perf_counter() - start
-                self.totals["prefills"] += 1
-            except Exception as error:  # a request that fails alone (bad images, ...) fails alone
+                tokens += cost
+                batch.append((row, request))
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            self._prefill(batch)
+        except Exception as error:
+            if len(batch) == 1:  # a request that fails (bad images, ...) fails alone
                 request._fail(error)
-                self._free(free, keep=False)
+                self._free(batch[0][0], keep=False)
+                return
+            for one in batch:  # find the one that failed: the others run as they would alone
+                try:
+                    self._prefill([one])
+                except Exception as error:
+                    one[1]._fail(error)
+                    self._free(one[0], keep=False)
+        self.totals["prefill_s"] += time.perf_counter() - start
+        self.totals["prefills"] += len(batch)
 
-    def _prefill(self, request: Request, row: int) -> None:
+    def _prefill(self, batch: list[tuple[int, Request]]) -> None:
+        """Prefill requests into their rows: the images of every one without a prefix hit through the
+        vision tower in one call, then every prompt in one multi-row prefill; choose each first token."""
         model, cache = self.model, self._ensure_cache()
         device = model.device
-        ids = torch.tensor([request.prompt], device=device)
-        digest = b"" if request.images is None else request.images.digest
-        hit = self.prefixes.lookup(digest, request.prompt)
-        start = 0
-        images = None
-        if request.images is not None:
-            im = request.images
-            masks = model.image_masks(im.cross_attention_mask.to(device))
-            if hit is not None and hit[0].images is not None:
-                kv = hit[0].images  # the same images: their keys/values are already there
-            else:
-                pixels = im.pixel_values.to(device=device, dtype=model.dtype)
-                states = model.encode_images(
-                    pixels, im.aspect_ratio_ids.to(device), im.aspect_ratio_mask.to(device)
-                )
-                kv = model.image_kv(states)
-            images = ImageContext(kv, *masks)
-            request.image_kv = kv
-        if hit is not None and hit[1] > 0:
-            snapshot, start = hit
-            cache.load_row(row, snapshot, start)
-        logits = model.prefill(ids[:, start:], cache, row, start, images)
-        request.row, request.length = row, len(request.prompt)
-        if request.config.repetition_penalty != 1.0:
-            V = logits.shape[-1]
-            request.seen = torch.zeros(V, dtype=torch.bool, device=device)
-            request.seen[ids[0][ids[0] < V]] = True
-        if request.config.seed is not None:
-            request.generator = torch.Generator(device=device).manual_seed(request.config.seed)
-        self._choose([request], logits)
+        hits = [
+            self.prefixes.lookup(b"" if r.images is None else r.images.digest, r.prompt) for _, r in batch
+        ]
+        encode = [
+            r
+            for (_, r), hit in zip(batch, hits)
+            if r.images is not None and (hit is None or hit[0].images is None)
+        ]
+        encoded = iter(self._encode([r.images for r in encode]))
+        contexts: list[ImageContext | None] = []
+        starts = []
+        for (row, r), hit in zip(batch, hits):
+            context = None
+            if r.images is not None:
+                # the same images as the hit's: their keys/values are already there
+                kv = next(encoded) if r in encode else hit[0].images
+                context = ImageContext(kv, *model.image_masks(r.images.cross_attention_mask.to(device)))
+                r.image_kv = kv
+            contexts.append(context)
+            start = 0
+            if hit is not None and hit[1] > 0:
+                start = hit[1]
+                cache.load_row(row, hit[0], start)
+            starts.append(start)
+        lengths = [len(r.prompt) - s for (_, r), s in zip(batch, starts)]
+        ids = torch.zeros(len(batch), max(lengths), dtype=torch.int64)  # right-padded
+        for b, ((_, r), s) in enumerate(zip(batch, starts)):
+            ids[b, : lengths[b]] = torch.tensor(r.prompt[s:])
+        rows = [row for row, _ in batch]
+        logits = model.prefill(ids.to(device), cache, rows, starts, lengths, contexts)
+        for row, r in batch:
+            r.row, r.length = row, len(r.prompt)
+            if r.config.repetition_penalty != 1.0:
+                prompt = torch.tensor(r.prompt, device=device)
+                r.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                r.seen[prompt[prompt < logits.shape[-1]]] = True
+            if r.config.seed is not None:
+                r.generator = torch.Generator(device=device).manual_seed(r.config.seed)
+        self._choose([r for _, r in batch], logits)
+
+    def _encode(self, images: list[_Images]) -> list[ImageKV]:
+        """Every request's real images through the vision tower in one call; each one's image keys/values."""
+        if not images:
+            return []
+        model, device = self.model, self.model.device
+        pixels = torch.cat([im.pixel_values for im in images], dim=1).to(device=device, dtype=model.dtype)
+        ids = torch.cat([im.aspect_ratio_ids for im in images], dim=1).to(device)
+        tiles = torch.cat([im.aspect_ratio_mask for im in images], dim=1).to(device)
+        kv = model.image_kv(
+            model.encode_images(pixels, ids, tiles)
+        )  # per layer 1 Hkv S Dh, S over all images
+        if len(images) == 1:
+            return [kv]
+        sizes = [im.pixel_values.shape[1] * self.image_tokens_per_image for im in images]
+        # copies, so a request's keys/values (kept by the prefix store) do not hold the whole batch's
+        per_layer = [(k.split(sizes, dim=2), v.split(sizes, dim=2)) for k, v in kv]
+        return [[(k[i].clone(), v[i].clone()) for k, v in per_layer] for i in range(len(images))]
 
     def _decode(self) -> None:
         cache = self._cache

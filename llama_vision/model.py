@@ -106,7 +106,7 @@ class TextDecoder(nn.Module):
 
 class DecoderGeneration:
     """Generation over a `TextDecoder` (`self.decoder`), for every model built around one: the engine asks
-    for a cache, prefills one request into a row, then steps every row. `LlamaVisionModel` (its
+    for a cache, prefills waiting requests into rows (several at once), then steps every row. `LlamaVisionModel` (its
     `language_model`) and the text-only `LlamaForCausalLM` (llama.py, its own decoder) share it.
 
     The decoder runs as `TextDecoder.forward(self.decoder, ...)` (hidden states) rather than
@@ -140,25 +140,36 @@ class DecoderGeneration:
         self,
         input_ids: torch.Tensor,
         cache: Cache,
-        row: int,
-        start: int = 0,
-        images: ImageContext | None = None,
+        rows: list[int],
+        starts: list[int],
+        lengths: list[int],
+        images: list[ImageContext | None] | None = None,
     ) -> torch.Tensor:
-        """Run one request's prompt tokens (1, T) into cache `row` at slots start..start+T-1 (slots before
-        `start` hold a reused prefix) and give the float32 logits (1, vocab) of the last one. `images` is
-        the request's context for the whole prompt (rows 0..start+T-1); its last row is what the
-        request's new tokens will see."""
-        T, device = input_ids.shape[1], input_ids.device
-        slots = torch.arange(start, start + T, device=device)
-        mask = None  # an empty row: the prompt attends to itself, causally
-        if start:  # a continued prefix: attend over the row's cache up to each own slot
-            mask = (torch.arange(start + T, device=device)[None, :] <= slots[:, None])[None, None]
-        context = None if images is None else images.rows(start, start + T)
-        h = TextDecoder.forward(
-            self.decoder, input_ids, slots[None], mask, context, cache.row(row, start + T), slots
-        )
-        cache.set_images(row, images)
-        return self.decoder.logits(h[:, -1])
+        """Run several requests' prompts at once, one per cache row, and give the float32 logits (B, vocab)
+        of each one's last token. `input_ids` (B, T) are right-padded: row b's lengths[b] tokens go to
+        cache row rows[b] at slots starts[b].. (slots before starts[b] hold a reused prefix). `images[b]`
+        is request b's context for its whole prompt (positions 0..starts[b]+lengths[b]-1) or None; its
+        last position is what the request's new tokens will see.
+
+        When no prompt continues a prefix they attend to themselves alone, causally (right padding comes
+        after every real token, so no real token sees it); otherwise over the rows' cache up to their own
+        slots."""
+        B, T = input_ids.shape
+        images = images or [None] * B
+        layers, positions = cache.rows(rows, starts, lengths)
+        mask = None
+        if any(starts):
+            span = max(s + n for s, n in zip(starts, lengths))
+            mask = (torch.arange(span, device=input_ids.device) <= positions[..., None])[:, None]  # B 1 T L
+        for row, context in zip(rows, images):
+            cache.set_images(row, context)
+        news = [
+            None if c is None else c.rows(s, s + n) for c, s, n in zip(images, starts, lengths)
+        ]  # the new tokens' image context
+        context = cache.prefill_images(rows, news, T)
+        h = TextDecoder.forward(self.decoder, input_ids, positions, mask, context, layers, positions)
+        last = torch.tensor(lengths, device=input_ids.device) - 1
+        return self.decoder.logits(h[torch.arange(B, device=h.device), last])
 
     def decode_step(
         self, tokens: torch.Tensor, slots: torch.Tensor, cache: Cache, length: int, image_tokens: int
