@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from llama_vision.cache import Cache, ImageContext, ImageKV, RowSnapshot
+from llama_vision.memory import byte_unit, check_request
 from llama_vision.model import LlamaVisionModel
 from llama_vision.sampling import GenerationConfig, select
 
@@ -215,7 +216,9 @@ class Engine:
     `compile` is True (inductor; CUDA graphs on a GPU) or a torch.compile backend.
     `max_length` caps prompt + answer per request (default: the model's context, at most
     4,096); `max_images` is the image pool per row; `max_cache_tokens` the budget of reserved tokens
-    (prompt + max_new_tokens) over all running requests (default max_batch x max_length)."""
+    (prompt + max_new_tokens) over all running requests (default max_batch x max_length).
+    `max_request_bytes` refuses, with the estimate, a request whose memory as the planner prices it
+    (memory.request_cost: its keys/values, image keys/values and prefill transient) is above it."""
 
     def __init__(
         self,
@@ -231,6 +234,7 @@ class Engine:
         queue_timeout: float | None = None,
         prefix_cache_bytes: int = 1 << 30,
         prefill_tokens_per_step: int = 1024,
+        max_request_bytes: int | None = None,
         background: bool = True,
     ) -> None:
         context = model.config.text.max_position_embeddings
@@ -241,6 +245,13 @@ class Engine:
             raise ValueError(f"max_images must be a non-negative integer, got {max_images!r}")
         if max_length is not None and not (_positive_int(max_length) and max_length >= 2):
             raise ValueError(f"max_length must be an integer of at least 2, got {max_length!r}")
+        if max_request_bytes is not None:
+            if not _positive_int(max_request_bytes):
+                raise ValueError(f"max_request_bytes must be a positive integer, got {max_request_bytes!r}")
+            if not hasattr(model, "request_cost"):
+                raise ValueError(
+                    "max_request_bytes needs a Llama 3.2 Vision model: the planner prices only those"
+                )
         self.model = model
         self.stop_ids = tuple(model.config.text.eos_token_id if stop_ids is None else stop_ids)
         self.compiled = bool(compile)
@@ -253,6 +264,7 @@ class Engine:
         self.queue_timeout = queue_timeout
         self.background = background
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.max_request_bytes = max_request_bytes
         v = model.config.vision  # None for a text-only model: no image pool
         self.image_tokens_per_image = 0 if v is None else v.max_num_tiles * v.num_patches
         self.prefixes = PrefixStore(prefix_cache_bytes)
@@ -315,11 +327,23 @@ class Engine:
             raise ValueError(f"logprobs must be an integer from 0 to 20, got {logprobs!r}")
         stop_ids = self.stop_ids if config.eos_token_ids is None else config.eos_token_ids
         request = Request(self, prompt, images, config, max_new, stop_ids, logprobs, logits_processor)
+        n_images = 0 if images is None else images.pixel_values.shape[1]
         if len(prompt) + max_new > self.max_cache_tokens:
+            estimate = ""
+            if hasattr(self.model, "request_cost"):  # the planner prices Llama 3.2 Vision models
+                need = self.model.request_cost(len(prompt), max_new, n_images).kv_cache
+                budget = self.model.request_cost(self.max_cache_tokens, 0, 0).kv_cache
+                scale, unit = byte_unit(max(need, budget))
+                estimate = (
+                    f": about {need / scale:.2f} {unit} of keys/values against {budget / scale:.2f} {unit}"
+                )
             raise ValueError(
                 f"the request needs {len(prompt) + max_new} cache tokens, more than the engine's budget of "
-                f"{self.max_cache_tokens} (max_cache_tokens)"
+                f"{self.max_cache_tokens} (max_cache_tokens){estimate}; shorten the prompt or lower "
+                "max_new_tokens"
             )
+        if self.max_request_bytes is not None:
+            check_request(self.model.request_cost(len(prompt), max_new, n_images), self.max_request_bytes)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")

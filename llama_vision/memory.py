@@ -273,9 +273,18 @@ class RequestTooLarge(ValueError):
 def check_request(cost: MemoryEstimate, free_bytes: int) -> None:
     """Refuse a request whose estimated cost exceeds the memory left; the message carries the estimate."""
     if cost.total > free_bytes:
+        scale, unit = byte_unit(max(cost.total, free_bytes))
         raise RequestTooLarge(
-            f"request refused: it needs about {cost.total / GiB:.2f} GiB (KV cache {cost.kv_cache / GiB:.2f}, "
-            f"image keys/values {cost.image_kv / GiB:.2f}, activations {cost.activations / GiB:.2f}) and "
-            f"{free_bytes / GiB:.2f} GiB are free; use fewer tiles or images, a shorter prompt, or a "
-            "smaller max_new_tokens"
+            f"request refused: it needs about {cost.total / scale:.2f} {unit} (KV cache "
+            f"{cost.kv_cache / scale:.2f}, image keys/values {cost.image_kv / scale:.2f}, activations "
+            f"{cost.activations / scale:.2f}) and {free_bytes / scale:.2f} {unit} are free; use fewer tiles "
+            "or images, a shorter prompt, or a smaller max_new_tokens"
         )
+
+
+def byte_unit(nbytes: int) -> tuple[int, str]:
+    """The binary unit that shows `nbytes` with two significant decimals (GiB from 0.1 GiB down)."""
+    for scale, unit in ((GiB, "GiB"), (2**20, "MiB")):
+        if nbytes >= scale // 10:
+            return scale, unit
+    return 2**10, "KiB"

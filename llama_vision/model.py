@@ -28,6 +28,7 @@ from llama_vision.cache import Cache, ImageContext, ImageKV, KVCache
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.encoders.vision import VisionEncoder
 from llama_vision.layers import RMSNorm, rope_cos_sin, rope_inv_freq
+from llama_vision.memory import MemoryEstimate, request_cost
 from llama_vision.text import DecoderLayer, self_attention_mask
 
 
@@ -221,6 +222,21 @@ class LlamaVisionModel(DecoderGeneration, nn.Module):
         mask = self_attention_mask(attention_mask, input_ids.shape[1])
         positions = token_positions(input_ids, attention_mask)
         return self.language_model.logits(self.language_model(input_ids, positions, mask, images))
+
+    def request_cost(self, prompt_tokens: int, max_new_tokens: int, images: int) -> MemoryEstimate:
+        """What one request adds to the loaded weights, as the planner prices it (memory.request_cost): its
+        keys/values, its image keys/values (every tile slot) and its prefill's largest transient, in this
+        model's dtype, with the key/value heads its layers hold (a tensor-parallel shard holds 1/TP)."""
+        layers = self.language_model.model.layers
+        local = next(l.self_attn.n_kv_heads for l in layers if not isinstance(l, CrossAttentionLayer))
+        return request_cost(
+            self.config,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            images=images,
+            dtype=self.dtype,
+            tp=self.config.text.num_key_value_heads // local,
+        )
 
     def prepare_images(
         self,

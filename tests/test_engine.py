@@ -15,6 +15,7 @@ from reference import random_image
 
 from llama_vision import GenerationConfig, LlamaVision
 from llama_vision.engine import Engine, QueueFull
+from llama_vision.memory import RequestTooLarge
 
 NEVER = (-7,)  # an end-of-turn id no model can produce: rows run to max_new_tokens
 IMAGE_A, IMAGE_B = random_image(170, 40, seed=1), random_image(60, 90, seed=2)
@@ -290,6 +291,30 @@ def test_limits_queue_and_requests_that_never_fit(lv: LlamaVision) -> None:
     while engine.step():
         pass
     assert first.finish_reason == "length"
+
+
+def test_a_request_over_the_memory_limits_is_refused_with_its_estimate(lv: LlamaVision) -> None:
+    inputs = lv.processor.chat_inputs([CHATS[0]])  # one image
+    T = inputs["input_ids"].shape[1]
+    config = GenerationConfig(max_new_tokens=20, eos_token_ids=NEVER)
+    cost = lv.model.request_cost(T, 20, images=1)
+    assert cost.kv_cache > 0 and cost.image_kv > 0 and cost.activations > 0
+    fits = Engine(lv.model, background=False, max_request_bytes=cost.total)
+    assert len(fits.add_request(inputs, config).result()) == 20  # exactly the estimate: accepted
+    tight = Engine(lv.model, background=False, max_request_bytes=cost.total - 1)
+    mib = cost.total / 2**20  # about 1 MiB on the tiny model
+    with pytest.raises(RequestTooLarge, match=rf"needs about {mib:.2f} MiB \(KV cache .* image keys/values"):
+        tight.add_request(inputs, config)
+    assert tight.stats()["waiting"] == 0
+    small_budget = Engine(lv.model, background=False, max_cache_tokens=T + 10)
+    with pytest.raises(
+        ValueError,
+        match=rf"needs {T + 20} cache tokens.*budget of {T + 10} \(max_cache_tokens\): about "
+        r"\d+\.\d\d [KM]iB of keys/values against \d+\.\d\d [KM]iB",
+    ):
+        small_budget.add_request(inputs, config)
+    with pytest.raises(ValueError, match="max_request_bytes must be a positive integer"):
+        Engine(lv.model, max_request_bytes=0)
 
 
 def test_a_request_waits_for_cache_room_then_runs(lv: LlamaVision) -> None:
