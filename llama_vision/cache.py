@@ -53,10 +53,10 @@ class KVCache:
 
         One new token per row (T == 1, a decode step): `slots` (B,) holds each row's own slot, as rows
         have their own lengths. Several tokens (a prompt): `slots` (T,) are the same for every row."""
-        if k.shape[2] == 1:
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, slots] = k[:, :, 0]
-            self.v[rows, :, slots] = v[:, :, 0]
+        if k.shape[2] == 1:  # a scatter along the slots: one light kernel, no advanced-index machinery
+            index = slots.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # B Hkv 1 Dh
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
         else:
             self.k.index_copy_(2, slots, k)
             self.v.index_copy_(2, slots, v)

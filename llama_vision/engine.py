@@ -569,10 +569,11 @@ class Engine:
             image_tokens = cache.image_tokens if image_tokens else 0
         else:
             n = last
-        tokens = torch.zeros(n, dtype=torch.int64)
-        slots = torch.zeros(n, dtype=torch.int64)
+        # Rows between the running ones (freed) write a token at slot 0, which their next prefill overwrites.
+        token_list, slot_list = [0] * n, [0] * n
         for i, r in running:
-            tokens[i], slots[i] = r.tokens[-1], r.length
+            token_list[i], slot_list[i] = r.tokens[-1], r.length
+        tokens, slots = torch.tensor(token_list), torch.tensor(slot_list)  # one tensor each, not n writes
         device = self.model.device
         if self.compiled and (n, length, image_tokens) not in self._shapes:
             self._shapes.add((n, length, image_tokens))
@@ -583,7 +584,9 @@ class Engine:
         logits = self._step(tokens.to(device), slots.to(device), cache, length, image_tokens)
         for _, r in running:
             r.length += 1
-        self._choose([r for _, r in running], logits[[i for i, _ in running]])
+        if len(running) < n:  # rows that do not run (freed, or the compiled step's spare rows)
+            logits = logits[[i for i, _ in running]]
+        self._choose([r for _, r in running], logits)
         self.totals["decode_s"] += time.perf_counter() - start
         self.totals["decode_steps"] += 1
         self.totals["decode_tokens"] += len(running)

@@ -181,9 +181,11 @@ class DecoderGeneration:
         `image_tokens`, so the step compiles once per such triple."""
         n = tokens.shape[0]
         layers, images = cache.view(n, length, image_tokens)
-        mask = (torch.arange(length, device=tokens.device)[None, :] <= slots[:, None])[
-            :, None, None
-        ]  # n 1 1 L
+        # Additive masks, made once per step: SDPA would turn a boolean one into this in every layer.
+        visible = torch.arange(length, device=tokens.device)[None, :] <= slots[:, None]  # n L
+        mask = additive_mask(visible[:, None, None], self.dtype)  # n 1 1 L
+        if images is not None:
+            images = ImageContext(images.kv, additive_mask(images.mask, self.dtype), images.row_mask)
         h = TextDecoder.forward(self.decoder, tokens[:, None], slots[:, None], mask, images, layers, slots)
         return self.decoder.logits(h[:, 0])
 
@@ -275,6 +277,13 @@ class LlamaVisionModel(DecoderGeneration, nn.Module):
             for layer in layers
             if isinstance(layer, CrossAttentionLayer)
         ]
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `visible`, -inf elsewhere, in `dtype`: the float form of a boolean attention mask."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, float("-inf")
+    )
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
