@@ -285,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"| previous engine's way (8 image slots encoded, one batched prefill) | {statistics.median(old):.3f} |"
         )
         print(
-            f"| llama_vision engine (the real image only, a prefill per request) | {statistics.median(new):.3f} |"
+            "| llama_vision engine (the real image only; requests prefilled together within the per-step "
+            f"budget) | {statistics.median(new):.3f} |"
         )
         print(f"| ratio | {statistics.median(new) / statistics.median(old):.2f}x (target <= 0.3x) |")
         note = " (above a few %, the figures are unreliable: rerun on a quiet machine)" if busy > 0.03 else ""

@@ -51,7 +51,8 @@ from llama_vision.weights import load_checkpoint, read_config
 @dataclass
 class LlamaVision:
     """The model with its processor and engine. `engine_options` go to `Engine` (max_batch, max_length,
-    max_images, max_cache_tokens, max_queue, queue_timeout, prefix_cache_bytes)."""
+    max_images, max_cache_tokens, max_queue, queue_timeout, prefix_cache_bytes, prefill_tokens_per_step,
+    max_request_bytes)."""
 
     model: LlamaVisionModel | LlamaForCausalLM  # the latter for text-only Llama checkpoints (llama.py)
     processor: Processor | TextProcessor

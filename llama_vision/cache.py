@@ -11,6 +11,9 @@
   cross-attention layers) and an image pool of `image_tokens` slots per row. The model writes into it
   (`LlamaVisionModel.prefill` / `decode_step`); the engine only assigns rows and moves whole rows in
   and out (`save_row` / `load_row`, for prefix reuse).
+- `RowsKV`: several rows of one layer's `KVCache` for a prefill of several requests at once (rows in any
+  order, each with its own start and length): it writes only their real tokens, and gives the rows
+  gathered when the prompts continue a reused prefix and must attend over the cache.
 
 A decode step works on views of the first n rows and the first L slots (`Cache.view`), so the batch
 and the attention span grow and shrink without reallocating, and the compiled step sees the same
@@ -50,14 +53,39 @@ class KVCache:
 
         One new token per row (T == 1, a decode step): `slots` (B,) holds each row's own slot, as rows
         have their own lengths. Several tokens (a prompt): `slots` (T,) are the same for every row."""
-        if k.shape[2] == 1:
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, slots] = k[:, :, 0]
-            self.v[rows, :, slots] = v[:, :, 0]
+        if k.shape[2] == 1:  # a scatter along the slots: one light kernel, no advanced-index machinery
+            index = slots.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # B Hkv 1 Dh
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
         else:
             self.k.index_copy_(2, slots, k)
             self.v.index_copy_(2, slots, v)
         return self.k, self.v
+
+
+class RowsKV:
+    """Rows `rows` (B,) of `cache` for a multi-row prefill of right-padded prompts (B, T): token t of row
+    b is real when t < lengths[b] and goes to slot starts[b] + t. `span` is the slots the prompts attend
+    over (the longest start + length), or 0 when every start is 0 and the prompts attend to themselves
+    alone (then nothing is gathered)."""
+
+    def __init__(
+        self, cache: KVCache, rows: torch.Tensor, writes: tuple[torch.Tensor, ...], span: int
+    ) -> None:
+        self.cache, self.rows, self.span = cache, rows, span
+        self.b, self.t, self.slots = writes  # (M,) each: the batch row, position and slot of each real token
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the real tokens of k, v (B, Hkv, T, Dh); the rows' first `span` slots (B, Hkv, span, Dh),
+        copies, or k, v themselves when span is 0."""
+        rows = self.rows[self.b]
+        self.cache.k[rows, :, self.slots] = k[self.b, :, self.t]  # M Hkv Dh
+        self.cache.v[rows, :, self.slots] = v[self.b, :, self.t]
+        if not self.span:
+            return k, v
+        return self.cache.k[:, :, : self.span][self.rows], self.cache.v[:, :, : self.span][self.rows]
 
 
 ImageKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: k, v (B, Hkv, S, Dh)
@@ -133,9 +161,43 @@ class Cache:
         kv = [(k[rows, :, :image_tokens], v[rows, :, :image_tokens]) for k, v in self.image_kv]
         return layers, ImageContext(kv, self.image_mask[rows, :, :, :image_tokens], self.image_rows[rows])
 
-    def row(self, row: int, length: int) -> list[KVCache | None]:
-        """One row's layers, its first `length` slots, as views."""
-        return [None if c is None else c.view(slice(row, row + 1), length) for c in self.layers]
+    def rows(
+        self, rows: list[int], starts: list[int], lengths: list[int]
+    ) -> tuple[list[RowsKV | None], torch.Tensor]:
+        """The layers of a multi-row prefill (see `RowsKV`) and the positions (B, T) of its tokens."""
+        device = self.image_mask.device
+        T, span = max(lengths), max(s + n for s, n in zip(starts, lengths))
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # B T
+        real = torch.arange(T, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+        b, t = real.nonzero(as_tuple=True)
+        writes = (b, t, positions[b, t])
+        index = torch.tensor(rows, device=device)
+        span = span if any(starts) else 0
+        layers = [None if c is None else RowsKV(c, index, writes, span) for c in self.layers]
+        return layers, positions
+
+    def prefill_images(
+        self, rows: list[int], contexts: list[ImageContext | None], T: int
+    ) -> ImageContext | None:
+        """The image context of a multi-row prefill, after `set_images` put each row's images in the pool:
+        the rows' pool keys/values over the widest row's S slots, and each row's mask rows (contexts of its
+        new tokens), right-padded to T. None when no row has images."""
+        S = max((c.tokens for c in contexts if c is not None), default=0)
+        if S == 0:
+            return None
+        B, device = len(rows), self.image_mask.device
+        index = torch.tensor(rows, device=device)
+        kv = [(k[:, :, :S][index], v[:, :, :S][index]) for k, v in self.image_kv]  # B Hkv S Dh
+        # Padding positions and rows without images see every slot, zeroed by their row mask (as in decoding).
+        mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=device)
+        row_mask = torch.zeros(B, 1, T, 1, dtype=self.image_rows.dtype, device=device)
+        for b, c in enumerate(contexts):
+            if c is not None:
+                n = c.mask.shape[2]
+                mask[b, :, :n, : c.tokens] = c.mask[0]
+                mask[b, :, :n, c.tokens :] = False
+                row_mask[b, :, :n] = c.row_mask[0]
+        return ImageContext(kv, mask, row_mask)
 
     def set_images(self, row: int, images: ImageContext | None) -> None:
         """Put a request's image keys/values (1, Hkv, S_row, Dh) and its next token's image mask into `row`."""

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from llama_vision.cache import Cache, ImageContext, ImageKV, RowSnapshot
+from llama_vision.memory import byte_unit, check_request
 from llama_vision.model import LlamaVisionModel
 from llama_vision.sampling import GenerationConfig, select
 
@@ -215,7 +216,9 @@ class Engine:
     `compile` is True (inductor; CUDA graphs on a GPU) or a torch.compile backend.
     `max_length` caps prompt + answer per request (default: the model's context, at most
     4,096); `max_images` is the image pool per row; `max_cache_tokens` the budget of reserved tokens
-    (prompt + max_new_tokens) over all running requests (default max_batch x max_length)."""
+    (prompt + max_new_tokens) over all running requests (default max_batch x max_length).
+    `max_request_bytes` refuses, with the estimate, a request whose memory as the planner prices it
+    (memory.request_cost: its keys/values, image keys/values and prefill transient) is above it."""
 
     def __init__(
         self,
@@ -231,6 +234,7 @@ class Engine:
         queue_timeout: float | None = None,
         prefix_cache_bytes: int = 1 << 30,
         prefill_tokens_per_step: int = 1024,
+        max_request_bytes: int | None = None,
         background: bool = True,
     ) -> None:
         context = model.config.text.max_position_embeddings
@@ -241,6 +245,13 @@ class Engine:
             raise ValueError(f"max_images must be a non-negative integer, got {max_images!r}")
         if max_length is not None and not (_positive_int(max_length) and max_length >= 2):
             raise ValueError(f"max_length must be an integer of at least 2, got {max_length!r}")
+        if max_request_bytes is not None:
+            if not _positive_int(max_request_bytes):
+                raise ValueError(f"max_request_bytes must be a positive integer, got {max_request_bytes!r}")
+            if not hasattr(model, "request_cost"):
+                raise ValueError(
+                    "max_request_bytes needs a Llama 3.2 Vision model: the planner prices only those"
+                )
         self.model = model
         self.stop_ids = tuple(model.config.text.eos_token_id if stop_ids is None else stop_ids)
         self.compiled = bool(compile)
@@ -253,6 +264,7 @@ class Engine:
         self.queue_timeout = queue_timeout
         self.background = background
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.max_request_bytes = max_request_bytes
         v = model.config.vision  # None for a text-only model: no image pool
         self.image_tokens_per_image = 0 if v is None else v.max_num_tiles * v.num_patches
         self.prefixes = PrefixStore(prefix_cache_bytes)
@@ -315,11 +327,23 @@ class Engine:
             raise ValueError(f"logprobs must be an integer from 0 to 20, got {logprobs!r}")
         stop_ids = self.stop_ids if config.eos_token_ids is None else config.eos_token_ids
         request = Request(self, prompt, images, config, max_new, stop_ids, logprobs, logits_processor)
+        n_images = 0 if images is None else images.pixel_values.shape[1]
         if len(prompt) + max_new > self.max_cache_tokens:
+            estimate = ""
+            if hasattr(self.model, "request_cost"):  # the planner prices Llama 3.2 Vision models
+                need = self.model.request_cost(len(prompt), max_new, n_images).kv_cache
+                budget = self.model.request_cost(self.max_cache_tokens, 0, 0).kv_cache
+                scale, unit = byte_unit(max(need, budget))
+                estimate = (
+                    f": about {need / scale:.2f} {unit} of keys/values against {budget / scale:.2f} {unit}"
+                )
             raise ValueError(
                 f"the request needs {len(prompt) + max_new} cache tokens, more than the engine's budget of "
-                f"{self.max_cache_tokens} (max_cache_tokens)"
+                f"{self.max_cache_tokens} (max_cache_tokens){estimate}; shorten the prompt or lower "
+                "max_new_tokens"
             )
+        if self.max_request_bytes is not None:
+            check_request(self.model.request_cost(len(prompt), max_new, n_images), self.max_request_bytes)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -431,62 +455,107 @@ class Engine:
                 self._free(i)
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens_per_step
-        while budget > 0:
-            with self._lock:
-                free = next((i for i, r in enumerate(self._rows) if r is None), None)
-                if free is None or not self._waiting:
-                    return
+        """Take the waiting requests that fit (a free row each, room in `max_cache_tokens`, and together
+        within `prefill_tokens_per_step`, the first always) and prefill them together."""
+        with self._lock:
+            free = [i for i, r in enumerate(self._rows) if r is None]
+            batch: list[tuple[int, Request]] = []
+            tokens = 0
+            while self._waiting and len(batch) < len(free):
                 request = self._waiting[0]
                 need = request.prompt_tokens + request.max_new_tokens
+                cost = request.prompt_tokens + request.image_tokens
                 if self._reserved + need > self.max_cache_tokens:
-                    return  # first in, first out: the head waits for room
+                    break  # first in, first out: the head waits for room
+                if batch and tokens + cost > self.prefill_tokens_per_step:
+                    break
                 self._waiting.popleft()
-                self._rows[free] = request
+                row = free[len(batch)]
+                self._rows[row] = request
                 self._reserved += need
-            budget -= request.prompt_tokens + request.image_tokens
-            start = time.perf_counter()
-            try:
-                self._prefill(request, free)
-                self.totals["prefill_s"] += time.perf_counter() - start
-                self.totals["prefills"] += 1
-            except Exception as error:  # a request that fails alone (bad images, ...) fails alone
+                tokens += cost
+                batch.append((row, request))
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            self._prefill(batch)
+        except Exception as error:
+            if len(batch) == 1:  # a request that fails (bad images, ...) fails alone
                 request._fail(error)
-                self._free(free, keep=False)
+                self._free(batch[0][0], keep=False)
+                return
+            for one in batch:  # find the one that failed: the others run as they would alone
+                try:
+                    self._prefill([one])
+                except Exception as error:
+                    one[1]._fail(error)
+                    self._free(one[0], keep=False)
+        self.totals["prefill_s"] += time.perf_counter() - start
+        self.totals["prefills"] += len(batch)
 
-    def _prefill(self, request: Request, row: int) -> None:
+    def _prefill(self, batch: list[tuple[int, Request]]) -> None:
+        """Prefill requests into their rows: the images of every one without a prefix hit through the
+        vision tower in one call, then every prompt in one multi-row prefill; choose each first token."""
         model, cache = self.model, self._ensure_cache()
         device = model.device
-        ids = torch.tensor([request.prompt], device=device)
-        digest = b"" if request.images is None else request.images.digest
-        hit = self.prefixes.lookup(digest, request.prompt)
-        start = 0
-        images = None
-        if request.images is not None:
-            im = request.images
-            masks = model.image_masks(im.cross_attention_mask.to(device))
-            if hit is not None and hit[0].images is not None:
-                kv = hit[0].images  # the same images: their keys/values are already there
-            else:
-                pixels = im.pixel_values.to(device=device, dtype=model.dtype)
-                states = model.encode_images(
-                    pixels, im.aspect_ratio_ids.to(device), im.aspect_ratio_mask.to(device)
-                )
-                kv = model.image_kv(states)
-            images = ImageContext(kv, *masks)
-            request.image_kv = kv
-        if hit is not None and hit[1] > 0:
-            snapshot, start = hit
-            cache.load_row(row, snapshot, start)
-        logits = model.prefill(ids[:, start:], cache, row, start, images)
-        request.row, request.length = row, len(request.prompt)
-        if request.config.repetition_penalty != 1.0:
-            V = logits.shape[-1]
-            request.seen = torch.zeros(V, dtype=torch.bool, device=device)
-            request.seen[ids[0][ids[0] < V]] = True
-        if request.config.seed is not None:
-            request.generator = torch.Generator(device=device).manual_seed(request.config.seed)
-        self._choose([request], logits)
+        hits = [
+            self.prefixes.lookup(b"" if r.images is None else r.images.digest, r.prompt) for _, r in batch
+        ]
+        encode = [
+            r
+            for (_, r), hit in zip(batch, hits)
+            if r.images is not None and (hit is None or hit[0].images is None)
+        ]
+        encoded = iter(self._encode([r.images for r in encode]))
+        contexts: list[ImageContext | None] = []
+        starts = []
+        for (row, r), hit in zip(batch, hits):
+            context = None
+            if r.images is not None:
+                # the same images as the hit's: their keys/values are already there
+                kv = next(encoded) if r in encode else hit[0].images
+                context = ImageContext(kv, *model.image_masks(r.images.cross_attention_mask.to(device)))
+                r.image_kv = kv
+            contexts.append(context)
+            start = 0
+            if hit is not None and hit[1] > 0:
+                start = hit[1]
+                cache.load_row(row, hit[0], start)
+            starts.append(start)
+        lengths = [len(r.prompt) - s for (_, r), s in zip(batch, starts)]
+        ids = torch.zeros(len(batch), max(lengths), dtype=torch.int64)  # right-padded
+        for b, ((_, r), s) in enumerate(zip(batch, starts)):
+            ids[b, : lengths[b]] = torch.tensor(r.prompt[s:])
+        rows = [row for row, _ in batch]
+        logits = model.prefill(ids.to(device), cache, rows, starts, lengths, contexts)
+        for row, r in batch:
+            r.row, r.length = row, len(r.prompt)
+            if r.config.repetition_penalty != 1.0:
+                prompt = torch.tensor(r.prompt, device=device)
+                r.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                r.seen[prompt[prompt < logits.shape[-1]]] = True
+            if r.config.seed is not None:
+                r.generator = torch.Generator(device=device).manual_seed(r.config.seed)
+        self._choose([r for _, r in batch], logits)
+
+    def _encode(self, images: list[_Images]) -> list[ImageKV]:
+        """Every request's real images through the vision tower in one call; each one's image keys/values."""
+        if not images:
+            return []
+        model, device = self.model, self.model.device
+        pixels = torch.cat([im.pixel_values for im in images], dim=1).to(device=device, dtype=model.dtype)
+        ids = torch.cat([im.aspect_ratio_ids for im in images], dim=1).to(device)
+        tiles = torch.cat([im.aspect_ratio_mask for im in images], dim=1).to(device)
+        kv = model.image_kv(
+            model.encode_images(pixels, ids, tiles)
+        )  # per layer 1 Hkv S Dh, S over all images
+        if len(images) == 1:
+            return [kv]
+        sizes = [im.pixel_values.shape[1] * self.image_tokens_per_image for im in images]
+        # copies, so a request's keys/values (kept by the prefix store) do not hold the whole batch's
+        per_layer = [(k.split(sizes, dim=2), v.split(sizes, dim=2)) for k, v in kv]
+        return [[(k[i].clone(), v[i].clone()) for k, v in per_layer] for i in range(len(images))]
 
     def _decode(self) -> None:
         cache = self._cache
@@ -500,10 +569,11 @@ class Engine:
             image_tokens = cache.image_tokens if image_tokens else 0
         else:
             n = last
-        tokens = torch.zeros(n, dtype=torch.int64)
-        slots = torch.zeros(n, dtype=torch.int64)
+        # Rows between the running ones (freed) write a token at slot 0, which their next prefill overwrites.
+        token_list, slot_list = [0] * n, [0] * n
         for i, r in running:
-            tokens[i], slots[i] = r.tokens[-1], r.length
+            token_list[i], slot_list[i] = r.tokens[-1], r.length
+        tokens, slots = torch.tensor(token_list), torch.tensor(slot_list)  # one tensor each, not n writes
         device = self.model.device
         if self.compiled and (n, length, image_tokens) not in self._shapes:
             self._shapes.add((n, length, image_tokens))
@@ -514,7 +584,9 @@ class Engine:
         logits = self._step(tokens.to(device), slots.to(device), cache, length, image_tokens)
         for _, r in running:
             r.length += 1
-        self._choose([r for _, r in running], logits[[i for i, _ in running]])
+        if len(running) < n:  # rows that do not run (freed, or the compiled step's spare rows)
+            logits = logits[[i for i, _ in running]]
+        self._choose([r for _, r in running], logits)
         self.totals["decode_s"] += time.perf_counter() - start
         self.totals["decode_steps"] += 1
         self.totals["decode_tokens"] += len(running)

@@ -14,7 +14,9 @@ The parts, in bytes per device (TP = tensor-parallel degree):
 - image_kv: the cross-attention keys and values held for the request: cross-attention layers x 2 x batch
   x (images x tiles x tokens per tile) x KV heads / TP x head width. Tokens per tile: 1601 at 560 px.
 - activations: the largest transient of one forward pass, from the code's own tensors; for inference of
-  one request, as the engine prefills one request at a time (training: the whole batch). The vision tower
+  one request (training: the whole batch): the engine prefills requests together only while their prompt
+  and image tokens stay within its `prefill_tokens_per_step` (1,024 by default, well below one 4-tile
+  image), so a request at the limits of `context` and `images` is prefilled alone. The vision tower
   over all images at once (hidden states, the kept intermediate layers, q/k/v, the MLP,
   the additive padding mask of (N x L)^2 per image), or the prompt's prefill (hidden states, q/k/v with
   keys repeated per head, the MLP, the cross-attention mask repeated per query group), whichever is
@@ -138,7 +140,8 @@ def estimate(
     weights, counts = _weight_bytes(config, dtype, quant, tp, device)
     kv = kv_cache_bytes(config, context, batch, size, tp)
     image_kv = image_kv_bytes(config, images, tiles, batch, size, tp)
-    # The engine prefills one request at a time, so inference activations are one request's.
+    # A request this large is prefilled alone (the engine's per-step prefill budget), so inference
+    # activations are one request's.
     activations = _activation_bytes(
         config, tiles, images, context, batch if mode is not None else 1, size, tp, training=mode is not None
     )
@@ -273,9 +276,18 @@ class RequestTooLarge(ValueError):
 def check_request(cost: MemoryEstimate, free_bytes: int) -> None:
     """Refuse a request whose estimated cost exceeds the memory left; the message carries the estimate."""
     if cost.total > free_bytes:
+        scale, unit = byte_unit(max(cost.total, free_bytes))
         raise RequestTooLarge(
-            f"request refused: it needs about {cost.total / GiB:.2f} GiB (KV cache {cost.kv_cache / GiB:.2f}, "
-            f"image keys/values {cost.image_kv / GiB:.2f}, activations {cost.activations / GiB:.2f}) and "
-            f"{free_bytes / GiB:.2f} GiB are free; use fewer tiles or images, a shorter prompt, or a "
-            "smaller max_new_tokens"
+            f"request refused: it needs about {cost.total / scale:.2f} {unit} (KV cache "
+            f"{cost.kv_cache / scale:.2f}, image keys/values {cost.image_kv / scale:.2f}, activations "
+            f"{cost.activations / scale:.2f}) and {free_bytes / scale:.2f} {unit} are free; use fewer tiles "
+            "or images, a shorter prompt, or a smaller max_new_tokens"
         )
+
+
+def byte_unit(nbytes: int) -> tuple[int, str]:
+    """The binary unit that shows `nbytes` with two significant decimals (GiB from 0.1 GiB down)."""
+    for scale, unit in ((GiB, "GiB"), (2**20, "MiB")):
+        if nbytes >= scale // 10:
+            return scale, unit
+    return 2**10, "KiB"

@@ -28,6 +28,7 @@ from llama_vision.cache import Cache, ImageContext, ImageKV, KVCache
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.encoders.vision import VisionEncoder
 from llama_vision.layers import RMSNorm, rope_cos_sin, rope_inv_freq
+from llama_vision.memory import MemoryEstimate, request_cost
 from llama_vision.text import DecoderLayer, self_attention_mask
 
 
@@ -106,7 +107,7 @@ class TextDecoder(nn.Module):
 
 class DecoderGeneration:
     """Generation over a `TextDecoder` (`self.decoder`), for every model built around one: the engine asks
-    for a cache, prefills one request into a row, then steps every row. `LlamaVisionModel` (its
+    for a cache, prefills waiting requests into rows (several at once), then steps every row. `LlamaVisionModel` (its
     `language_model`) and the text-only `LlamaForCausalLM` (llama.py, its own decoder) share it.
 
     The decoder runs as `TextDecoder.forward(self.decoder, ...)` (hidden states) rather than
@@ -140,25 +141,36 @@ class DecoderGeneration:
         self,
         input_ids: torch.Tensor,
         cache: Cache,
-        row: int,
-        start: int = 0,
-        images: ImageContext | None = None,
+        rows: list[int],
+        starts: list[int],
+        lengths: list[int],
+        images: list[ImageContext | None] | None = None,
     ) -> torch.Tensor:
-        """Run one request's prompt tokens (1, T) into cache `row` at slots start..start+T-1 (slots before
-        `start` hold a reused prefix) and give the float32 logits (1, vocab) of the last one. `images` is
-        the request's context for the whole prompt (rows 0..start+T-1); its last row is what the
-        request's new tokens will see."""
-        T, device = input_ids.shape[1], input_ids.device
-        slots = torch.arange(start, start + T, device=device)
-        mask = None  # an empty row: the prompt attends to itself, causally
-        if start:  # a continued prefix: attend over the row's cache up to each own slot
-            mask = (torch.arange(start + T, device=device)[None, :] <= slots[:, None])[None, None]
-        context = None if images is None else images.rows(start, start + T)
-        h = TextDecoder.forward(
-            self.decoder, input_ids, slots[None], mask, context, cache.row(row, start + T), slots
-        )
-        cache.set_images(row, images)
-        return self.decoder.logits(h[:, -1])
+        """Run several requests' prompts at once, one per cache row, and give the float32 logits (B, vocab)
+        of each one's last token. `input_ids` (B, T) are right-padded: row b's lengths[b] tokens go to
+        cache row rows[b] at slots starts[b].. (slots before starts[b] hold a reused prefix). `images[b]`
+        is request b's context for its whole prompt (positions 0..starts[b]+lengths[b]-1) or None; its
+        last position is what the request's new tokens will see.
+
+        When no prompt continues a prefix they attend to themselves alone, causally (right padding comes
+        after every real token, so no real token sees it); otherwise over the rows' cache up to their own
+        slots."""
+        B, T = input_ids.shape
+        images = images or [None] * B
+        layers, positions = cache.rows(rows, starts, lengths)
+        mask = None
+        if any(starts):
+            span = max(s + n for s, n in zip(starts, lengths))
+            mask = (torch.arange(span, device=input_ids.device) <= positions[..., None])[:, None]  # B 1 T L
+        for row, context in zip(rows, images):
+            cache.set_images(row, context)
+        news = [
+            None if c is None else c.rows(s, s + n) for c, s, n in zip(images, starts, lengths)
+        ]  # the new tokens' image context
+        context = cache.prefill_images(rows, news, T)
+        h = TextDecoder.forward(self.decoder, input_ids, positions, mask, context, layers, positions)
+        last = torch.tensor(lengths, device=input_ids.device) - 1
+        return self.decoder.logits(h[torch.arange(B, device=h.device), last])
 
     def decode_step(
         self, tokens: torch.Tensor, slots: torch.Tensor, cache: Cache, length: int, image_tokens: int
@@ -169,9 +181,11 @@ class DecoderGeneration:
         `image_tokens`, so the step compiles once per such triple."""
         n = tokens.shape[0]
         layers, images = cache.view(n, length, image_tokens)
-        mask = (torch.arange(length, device=tokens.device)[None, :] <= slots[:, None])[
-            :, None, None
-        ]  # n 1 1 L
+        # Additive masks, made once per step: SDPA would turn a boolean one into this in every layer.
+        visible = torch.arange(length, device=tokens.device)[None, :] <= slots[:, None]  # n L
+        mask = additive_mask(visible[:, None, None], self.dtype)  # n 1 1 L
+        if images is not None:
+            images = ImageContext(images.kv, additive_mask(images.mask, self.dtype), images.row_mask)
         h = TextDecoder.forward(self.decoder, tokens[:, None], slots[:, None], mask, images, layers, slots)
         return self.decoder.logits(h[:, 0])
 
@@ -211,6 +225,21 @@ class LlamaVisionModel(DecoderGeneration, nn.Module):
         positions = token_positions(input_ids, attention_mask)
         return self.language_model.logits(self.language_model(input_ids, positions, mask, images))
 
+    def request_cost(self, prompt_tokens: int, max_new_tokens: int, images: int) -> MemoryEstimate:
+        """What one request adds to the loaded weights, as the planner prices it (memory.request_cost): its
+        keys/values, its image keys/values (every tile slot) and its prefill's largest transient, in this
+        model's dtype, with the key/value heads its layers hold (a tensor-parallel shard holds 1/TP)."""
+        layers = self.language_model.model.layers
+        local = next(l.self_attn.n_kv_heads for l in layers if not isinstance(l, CrossAttentionLayer))
+        return request_cost(
+            self.config,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            images=images,
+            dtype=self.dtype,
+            tp=self.config.text.num_key_value_heads // local,
+        )
+
     def prepare_images(
         self,
         pixel_values: torch.Tensor | None,
@@ -248,6 +277,13 @@ class LlamaVisionModel(DecoderGeneration, nn.Module):
             for layer in layers
             if isinstance(layer, CrossAttentionLayer)
         ]
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `visible`, -inf elsewhere, in `dtype`: the float form of a boolean attention mask."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, float("-inf")
+    )
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from reference import random_image
 
 from llama_vision import GenerationConfig, LlamaVision
 from llama_vision.engine import Engine, QueueFull
+from llama_vision.memory import RequestTooLarge
 
 NEVER = (-7,)  # an end-of-turn id no model can produce: rows run to max_new_tokens
 IMAGE_A, IMAGE_B = random_image(170, 40, seed=1), random_image(60, 90, seed=2)
@@ -86,6 +87,71 @@ def test_requests_share_decode_steps(lv: LlamaVision) -> None:
         steps += 1
     assert steps == 5  # the first token of each comes from its prefill, then 5 shared steps
     assert all(len(r.tokens) == 6 and r.finish_reason == "length" for r in requests)
+
+
+def alone(lv: LlamaVision, inputs: dict[str, torch.Tensor], config: GenerationConfig) -> list[int]:
+    """The tokens of one request on an engine of its own, without prefix reuse."""
+    return Engine(lv.model, background=False, prefix_cache_bytes=0).add_request(inputs, config).result()
+
+
+def test_requests_arriving_together_are_prefilled_together(lv: LlamaVision, monkeypatch) -> None:
+    """8 requests at once, image and text, different lengths, follow-up turns (prefix hits) among fresh
+    ones: one vision call with only the fresh requests' real images, one multi-row prefill, and each
+    request's tokens equal to its run alone."""
+    engine = Engine(lv.model, background=False, prefix_cache_bytes=64 << 20)
+    first_turns = [CHATS[0], CHATS[4], CHATS[1]]  # image A, image B, text: they go to the prefix store
+    follow_ups = []
+    for chat in first_turns:
+        answer = engine.add_request(lv.processor.chat_inputs([chat]), GenerationConfig(max_new_tokens=4))
+        text = lv.tokenizer.decode(answer.result(), skip_special_tokens=True)
+        follow_ups.append([*chat, {"role": "assistant", "content": text}, user("And then?")])
+    chats = [
+        *follow_ups,
+        CHATS[2],
+        CHATS[5],
+        CHATS[7],
+        [user("New.", random_image(80, 80, seed=3))],
+        CHATS[6],
+    ]
+    configs = [
+        GenerationConfig(max_new_tokens=n, eos_token_ids=NEVER, repetition_penalty=p)
+        for n, p in zip([6, 9, 4, 7, 12, 5, 8, 3], [1.0, 1.0, 1.3, 1.0, 1.0, 1.2, 1.0, 1.0])
+    ]
+    inputs = [lv.processor.chat_inputs([c]) for c in chats]
+    expected = [alone(lv, i, c) for i, c in zip(inputs, configs)]
+    prefills, encoded = [], []
+    real_prefill, real_encode = lv.model.prefill, lv.model.encode_images
+
+    def prefill(ids, cache, rows, starts, lengths, images):
+        prefills.append((ids.shape, starts, lengths))
+        return real_prefill(ids, cache, rows, starts, lengths, images)
+
+    monkeypatch.setattr(lv.model, "prefill", prefill)
+    monkeypatch.setattr(
+        lv.model, "encode_images", lambda px, *a: encoded.append(px.shape[1]) or real_encode(px, *a)
+    )
+    requests = [engine.add_request(i, c) for i, c in zip(inputs, configs)]
+    while engine.step():
+        pass
+    assert [r.tokens for r in requests] == expected
+    assert len(prefills) == 1 and prefills[0][0][0] == 8  # one prefill of 8 rows
+    shape, starts, lengths = prefills[0]
+    assert shape[1] == max(lengths) and len(set(lengths)) > 1  # right-padded to the longest
+    assert all(s > 0 for s in starts[:3]) and 0 in starts[3:]  # the follow-ups continue their prefixes
+    assert encoded == [2 + 2 + 1]  # the fresh requests' real images only: A+B, B+B, the new one
+
+
+def test_a_failing_request_in_a_batched_prefill_fails_alone(lv: LlamaVision) -> None:
+    engine = Engine(lv.model, background=False, prefix_cache_bytes=0)
+    config = GenerationConfig(max_new_tokens=5, eos_token_ids=NEVER)
+    good = [lv.processor.chat_inputs([c]) for c in (CHATS[0], CHATS[1])]
+    bad_inputs = lv.processor.chat_inputs([CHATS[4]])
+    bad_inputs["aspect_ratio_ids"] = torch.full_like(bad_inputs["aspect_ratio_ids"], 99)  # no such row
+    first, bad, second = (engine.add_request(i, config) for i in (good[0], bad_inputs, good[1]))
+    engine.step()  # all three admitted together; the batch fails, then each runs alone
+    with pytest.raises(IndexError):
+        bad.result()
+    assert [first.result(), second.result()] == [alone(lv, i, config) for i in good]
 
 
 def test_seeded_sampling_is_the_same_under_load(lv: LlamaVision) -> None:
@@ -225,6 +291,30 @@ def test_limits_queue_and_requests_that_never_fit(lv: LlamaVision) -> None:
     while engine.step():
         pass
     assert first.finish_reason == "length"
+
+
+def test_a_request_over_the_memory_limits_is_refused_with_its_estimate(lv: LlamaVision) -> None:
+    inputs = lv.processor.chat_inputs([CHATS[0]])  # one image
+    T = inputs["input_ids"].shape[1]
+    config = GenerationConfig(max_new_tokens=20, eos_token_ids=NEVER)
+    cost = lv.model.request_cost(T, 20, images=1)
+    assert cost.kv_cache > 0 and cost.image_kv > 0 and cost.activations > 0
+    fits = Engine(lv.model, background=False, max_request_bytes=cost.total)
+    assert len(fits.add_request(inputs, config).result()) == 20  # exactly the estimate: accepted
+    tight = Engine(lv.model, background=False, max_request_bytes=cost.total - 1)
+    mib = cost.total / 2**20  # about 1 MiB on the tiny model
+    with pytest.raises(RequestTooLarge, match=rf"needs about {mib:.2f} MiB \(KV cache .* image keys/values"):
+        tight.add_request(inputs, config)
+    assert tight.stats()["waiting"] == 0
+    small_budget = Engine(lv.model, background=False, max_cache_tokens=T + 10)
+    with pytest.raises(
+        ValueError,
+        match=rf"needs {T + 20} cache tokens.*budget of {T + 10} \(max_cache_tokens\): about "
+        r"\d+\.\d\d [KM]iB of keys/values against \d+\.\d\d [KM]iB",
+    ):
+        small_budget.add_request(inputs, config)
+    with pytest.raises(ValueError, match="max_request_bytes must be a positive integer"):
+        Engine(lv.model, max_request_bytes=0)
 
 
 def test_a_request_waits_for_cache_room_then_runs(lv: LlamaVision) -> None:
