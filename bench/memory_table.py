@@ -1,6 +1,7 @@
 """The README's memory table: the planner's estimates (llama_vision/memory.py) for the 11B and 90B
 Instruct models, inference and fine-tuning, bfloat16 / int8 / int4, against 16, 24, 48, 80 and 141 GB
 GPUs. Estimates, not measurements: tests/test_memory.py checks the planner against measured CPU peaks.
+Fine-tuning rows come from finetune/memory.py's `training_estimate` (FSDP over the TP column's devices).
 
     python bench/memory_table.py
 """
@@ -8,6 +9,7 @@ GPUs. Estimates, not measurements: tests/test_memory.py checks the planner again
 from __future__ import annotations
 
 from llama_vision.config import get_preset
+from llama_vision.finetune.memory import training_estimate
 from llama_vision.memory import GPU_SIZES_GB, GiB, estimate
 
 MODELS = {"11B": "llama-3.2-11b-vision-instruct", "90B": "llama-3.2-90b-vision-instruct"}
@@ -36,7 +38,7 @@ def main() -> None:
                         f"fine-tune: {mode}",
                         "int4" if mode == "qlora" else None,
                         tp,
-                        estimate(config, mode=mode, tp=tp, **TRAINING),
+                        training_estimate(config, mode, world=tp, **TRAINING),
                     )
                 )
     for label, use, quant, tp, e in rows:

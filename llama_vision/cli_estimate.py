@@ -4,7 +4,9 @@
         --context 8192 --batch 1 [--quant int8|int4] [--tp N] [--mode lora|qlora|full|adapters]
 
 `--model` is a preset name (config.py) or a checkpoint directory, of which only the config is read.
-Prints each part per device in GiB and which GPU sizes hold it.
+Prints each part per device in GiB and which GPU sizes hold it. With `--mode` the figures are
+fine-tuning's (finetune/memory.py `training_estimate`: the trainer's own parameter arithmetic, FSDP
+over `--tp` processes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 import torch
 
 from llama_vision.config import PRESETS, LlamaVisionConfig
-from llama_vision.memory import GPU_SIZES_GB, MODES, RUNTIME_RESERVE, GiB, estimate
+from llama_vision.memory import GPU_SIZES_GB, RUNTIME_RESERVE, GiB, estimate
+
+MODES = ("lora", "qlora", "full", "adapters")  # finetune/config.py's, without importing it here
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LABELS = {
@@ -49,7 +53,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences at once (default 1)")
     p.add_argument("--quant", choices=("int8", "int4"), help="weight-only quantization")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel devices (default 1)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="devices (default 1): tensor parallel for inference, FSDP processes with --mode",
+    )
     p.add_argument("--mode", choices=MODES, help="fine-tuning instead of inference")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where int4 runs (its layout)")
     p.set_defaults(run=run)
@@ -67,30 +77,29 @@ def model_config(name: str) -> LlamaVisionConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = model_config(args.model)
-    e = estimate(
-        config,
-        dtype=DTYPES[args.dtype],
-        max_tiles=args.max_tiles,
-        images=args.images,
-        context=args.context,
-        batch=args.batch,
-        quant=args.quant,
-        tp=args.tp,
-        mode=args.mode,
-        device=args.device,
-    )
+    shape = dict(max_tiles=args.max_tiles, images=args.images, context=args.context, batch=args.batch)
+    if args.mode:
+        from llama_vision.finetune.memory import training_estimate
+
+        if args.quant:
+            raise ValueError("--quant is for inference; with --mode, qlora is the 4-bit base")
+        e = training_estimate(config, args.mode, dtype=DTYPES[args.dtype], world=args.tp, **shape)
+    else:
+        e = estimate(
+            config, dtype=DTYPES[args.dtype], quant=args.quant, tp=args.tp, device=args.device, **shape
+        )
     tiles = args.max_tiles or config.vision.max_num_tiles
     what = f"fine-tuning ({args.mode})" if args.mode else "inference"
-    quant = f", {args.quant} weights" if args.quant or args.mode == "qlora" else ""
+    quant = f", {args.quant} weights" if args.quant else ", NF4 base" if args.mode == "qlora" else ""
     print(
         f"{args.model}: {what}, {args.dtype}{quant}, {args.images} image(s) x {tiles} tiles, "
-        f"context {args.context}, batch {args.batch}, per device of {args.tp}:"
+        f"context {args.context}, batch {args.batch}, per device of {args.tp}{' (FSDP)' if args.mode else ''}:"
     )
     for name, value in e.parts().items():
         if name in ("gradients", "optimizer") and not args.mode:
             continue
-        if name == "kv_cache" and args.mode:
-            continue
+        if name in ("kv_cache", "image_kv") and args.mode:
+            continue  # no cache in training; the image keys/values are among the activations
         print(f"  {LABELS[name]:<28}{value / GiB:9.2f} GiB")
     fits = ", ".join(f"{gb} GB: {'yes' if e.fits(gb * GiB) else 'no'}" for gb in GPU_SIZES_GB)
     print(f"fits (total + {RUNTIME_RESERVE / GiB:.0f} GiB for the CUDA runtime): {fits}")

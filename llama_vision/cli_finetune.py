@@ -42,6 +42,9 @@ def add_commands(commands: Any) -> None:
     ft.add_argument("--device", metavar="DEV", help="cpu, cuda, ... (default: cuda when available)")
     ft.add_argument("--resume", action="store_true", default=None, help="continue from output/latest")
     ft.add_argument(
+        "--tensorboard", metavar="DIR", help="also log to TensorBoard, in DIR (needs the tensorboard package)"
+    )
+    ft.add_argument(
         "--dry-run",
         action="store_true",
         help="print one collated example, the trainable parameters and the memory plan, then exit",
@@ -95,6 +98,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         lr=args.lr,
         device=args.device,
         resume=args.resume,
+        tensorboard=args.tensorboard,
     )
     trainer = Trainer(config)
     if trainer.d.main:

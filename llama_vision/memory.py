@@ -1,7 +1,9 @@
 """The memory planner: what a model, a request shape and a way of running it need, per device, before
 anything is loaded. `estimate(config, ...)` gives the parts (`MemoryEstimate`); `llama-vision estimate`
 prints them (cli_estimate.py); `request_cost` and `check_request` price one request for an engine that
-refuses what cannot fit.
+refuses what cannot fit. Fine-tuning is priced by finetune/memory.py, which simulates a training step
+and shares this file's arithmetic: parameter bytes by part (`parameter_bytes`, `quantized_bytes`),
+the parts of the model (`part_of`) and `MemoryEstimate`.
 
 The parts, in bytes per device (TP = tensor-parallel degree):
 - weights: every parameter in the weight dtype; with `quant` the linear weights that quantize.py
@@ -13,21 +15,14 @@ The parts, in bytes per device (TP = tensor-parallel degree):
   layers x 2 x batch x context x KV heads / TP x head width, in the activation dtype.
 - image_kv: the cross-attention keys and values held for the request: cross-attention layers x 2 x batch
   x (images x tiles x tokens per tile) x KV heads / TP x head width. Tokens per tile: 1601 at 560 px.
-- activations: the largest transient of one forward pass, from the code's own tensors; for inference of
-  one request (training: the whole batch): the engine prefills requests together only while their prompt
-  and image tokens stay within its `prefill_tokens_per_step` (1,024 by default, well below one 4-tile
-  image), so a request at the limits of `context` and `images` is prefilled alone. The vision tower
-  over all images at once (hidden states, the kept intermediate layers, q/k/v, the MLP,
-  the additive padding mask of (N x L)^2 per image), or the prompt's prefill (hidden states, q/k/v with
-  keys repeated per head, the MLP, the cross-attention mask repeated per query group), whichever is
-  larger. The prefill runs the whole `context` as the prompt (the worst case); attention scores are not
-  materialised (fused SDPA kernels).
-- training (`mode`), AdamW with float32 moments, gradients in the weight dtype, no float32 master copy:
-  "full" trains everything; "lora" and "qlora" (base weights quantized to int4) train rank-16 adapters
-  on every linear of the text decoder and the cross-attention layers; "adapters" trains the cross-
-  attention layers and the projector. The vision tower is frozen except in "full". Training activations
-  assume activation checkpointing per layer (each layer's input kept, one layer's internals recomputed)
-  and float32 logits for every position, with their gradient.
+- activations: the largest transient of one forward pass, from the code's own tensors, for one request:
+  the engine prefills requests together only while their prompt and image tokens stay within its
+  `prefill_tokens_per_step` (1,024 by default, well below one 4-tile image), so a request at the limits
+  of `context` and `images` is prefilled alone. The vision tower over all images at once (hidden
+  states, the kept intermediate layers, q/k/v, the MLP, the additive padding mask of (N x L)^2 per
+  image), or the prompt's prefill (hidden states, q/k/v with keys repeated per head, the MLP, the
+  cross-attention mask repeated per query group), whichever is larger. The prefill runs the whole
+  `context` as the prompt (the worst case); attention scores are not materialised (fused SDPA kernels).
 
 A device fits when the total plus `RUNTIME_RESERVE` (CUDA context, kernel workspaces) is at most its
 size. Checked on the CPU against measured peaks (tests/test_memory.py: within 10%); the GPU check is in
@@ -36,19 +31,28 @@ bench/gpu_check.sh's list when a GPU is lent.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
+from llama_vision import quantize
 from llama_vision.config import LlamaVisionConfig
-from llama_vision.quantize import DEFAULT_TARGETS, part_of
 
 GiB = 2**30
 GPU_SIZES_GB = (16, 24, 48, 80, 141)
 RUNTIME_RESERVE = 1 * GiB
-MODES = ("lora", "qlora", "full", "adapters")
-LORA_RANK = 16
-_TEXT_PARTS = ("text", "cross")
+LOSS_CHUNK_BYTES = 2**28  # float32 logits of one chunk of the training loss (finetune/train.py)
+PARTS = ("vision", "projector", "cross_attention", "self_attention", "embeddings_and_head")
+PART_NAMES = {
+    "vision": "vision encoder",
+    "projector": "projector",
+    "cross_attention": "cross-attention layers",
+    "self_attention": "self-attention layers",
+    "embeddings_and_head": "embeddings and head",
+}
 
 
 @dataclass(frozen=True)
@@ -80,41 +84,77 @@ class MemoryEstimate:
 def quantized_bytes(out_features: int, in_features: int, quant: str, device: str = "cuda") -> int:
     """Bytes of one quantized (out, in) weight as quantize.py stores it (measured from torchao's tensors)."""
     n = out_features * in_features
+    if quant == "nf4":
+        return n // 2 + (n // 64) * 4  # bitsandbytes' NF4 (QLoRA): packed nibbles, a float32 absmax per 64
     if quant == "int8":
         return n + 5 * out_features  # int8 values, a float32 scale and an int8 zero point per row
     if quant != "int4":
-        raise ValueError(f"quant must be int8 or int4, got {quant!r}")
+        raise ValueError(f"quant must be int8, int4 or nf4, got {quant!r}")
     if device == "cuda":
         group = next(g for g in (128, 64, 32) if in_features % g == 0)
         return n // 2 + 4 * n // group  # packed nibbles, a bfloat16 scale and zero per group
     return n + 5 * n // 32  # one int8 per value; a float32 scale and an int8 zero point per group of 32
 
 
+def part_of(name: str, config: LlamaVisionConfig) -> str:
+    """The part (one of PARTS) that parameter or module `name` (our hub-layout names) belongs to."""
+    if name.startswith("vision_model"):
+        return "vision"
+    if name.startswith("multi_modal_projector"):
+        return "projector"
+    match = re.match(r"language_model\.model\.layers\.(\d+)\.", name)
+    if match:
+        layer = int(match.group(1))
+        return "cross_attention" if layer in config.text.cross_attention_layers else "self_attention"
+    return "embeddings_and_head"
+
+
+def parameter_bytes(
+    model: nn.Module,
+    *,
+    quant: str | None = None,
+    quantized: Callable[[str], bool] = lambda name: False,
+    split: Callable[[str], bool] = lambda name: False,
+    tp: int = 1,
+    device: str = "cuda",
+) -> dict[str, int]:
+    """Bytes of a built model's parameters (the meta device will do) by part (PARTS), each in its own
+    dtype. With `quant` (int8, int4, nf4) the (out, in) weights that `quantized(name)` selects take
+    `quantized_bytes`; the parameters that `split(name)` selects are divided over `tp` devices by rows.
+    The one count of parameter memory: inference (`estimate`) and training (finetune/memory.py) use it."""
+    parts = dict.fromkeys(PARTS, 0)
+    config = model.config
+    for name, p in model.named_parameters():
+        ways = tp if split(name) else 1
+        if quant is not None and quantized(name):
+            n = quantized_bytes(p.shape[0] // ways, p.shape[1], quant, device)
+        else:
+            n = p.numel() * p.element_size() // ways
+        parts[part_of(name, config)] += n
+    return parts
+
+
 def _weight_bytes(
     config: LlamaVisionConfig, dtype: torch.dtype, quant: str | None, tp: int, device: str
-) -> tuple[int, dict[str, int]]:
-    """Weight bytes per device, and the parameter counts per part (for the training terms)."""
+) -> int:
+    """Inference weight bytes per device: quantize.py's targets quantized, parallel.py's layers split."""
     from llama_vision.model import LlamaVisionModel
 
     with torch.device("meta"):
-        model = LlamaVisionModel(config)
-    size = torch.finfo(dtype).bits // 8
-    total = 0
-    counts = dict.fromkeys(("all", "lora", "adapters"), 0)
-    cross = tuple(f"language_model.model.layers.{i}." for i in config.text.cross_attention_layers)
-    for name, p in model.named_parameters():
-        part = part_of(name, config)
-        counts["all"] += p.numel()
-        if part in _TEXT_PARTS:
-            counts["lora"] += LORA_RANK * (p.shape[0] + p.shape[1])
-        if name.startswith((*cross, "multi_modal_projector.")):
-            counts["adapters"] += p.numel()
-        split = tp if (part in ("text", "cross", "vision") or name == "language_model.lm_head.weight") else 1
-        if quant is not None and part in DEFAULT_TARGETS:
-            total += quantized_bytes(p.shape[0] // split, p.shape[1], quant, device)
-        else:
-            total += p.numel() * size // split
-    return total, counts
+        model = LlamaVisionModel(config).to(dtype)
+    return sum(
+        parameter_bytes(
+            model,
+            quant=quant,
+            quantized=lambda name: quantize.part_of(name, config) in quantize.DEFAULT_TARGETS,
+            split=lambda name: (
+                quantize.part_of(name, config) in ("text", "cross", "vision")
+                or name == "language_model.lm_head.weight"
+            ),
+            tp=tp,
+            device=device,
+        ).values()
+    )
 
 
 def estimate(
@@ -127,35 +167,19 @@ def estimate(
     batch: int = 1,
     quant: str | None = None,
     tp: int = 1,
-    mode: str | None = None,
     device: str = "cuda",
 ) -> MemoryEstimate:
-    """Bytes per device to run (or with `mode`, to fine-tune) `config` on requests of this shape."""
+    """Bytes per device to run `config` on requests of this shape (fine-tuning: finetune/memory.py)."""
     v = config.vision
     tiles = v.max_num_tiles if max_tiles is None else max_tiles
-    _check(config, tiles, images, context, batch, quant, tp, mode)
-    if mode == "qlora":
-        quant = "int4"
+    check_options(config, tiles, images, context, batch, quant, tp)
     size = torch.finfo(dtype).bits // 8
-    weights, counts = _weight_bytes(config, dtype, quant, tp, device)
-    kv = kv_cache_bytes(config, context, batch, size, tp)
-    image_kv = image_kv_bytes(config, images, tiles, batch, size, tp)
-    # A request this large is prefilled alone (the engine's per-step prefill budget), so inference
-    # activations are one request's.
-    activations = _activation_bytes(
-        config, tiles, images, context, batch if mode is not None else 1, size, tp, training=mode is not None
-    )
-    if mode is None:
-        return MemoryEstimate(weights=weights, kv_cache=kv, image_kv=image_kv, activations=activations)
-    trainable = counts["all" if mode == "full" else "adapters" if mode == "adapters" else "lora"]
-    extra = trainable * size if mode in ("lora", "qlora") else 0  # the adapters' own weights
     return MemoryEstimate(
-        weights=weights + extra // tp,
-        kv_cache=0,  # training runs the whole sequence at once, no cache
-        image_kv=image_kv,
-        activations=activations,
-        gradients=trainable * size // tp,
-        optimizer=trainable * 8 // tp,
+        weights=_weight_bytes(config, dtype, quant, tp, device),
+        kv_cache=kv_cache_bytes(config, context, batch, size, tp),
+        image_kv=image_kv_bytes(config, images, tiles, batch, size, tp),
+        # a request this large is prefilled alone (the engine's per-step prefill budget)
+        activations=_activation_bytes(config, tiles, images, context, 1, size, tp),
     )
 
 
@@ -174,44 +198,65 @@ def image_kv_bytes(
 
 
 def _activation_bytes(
-    config: LlamaVisionConfig,
-    tiles: int,
-    images: int,
-    context: int,
-    batch: int,
-    size: int,
-    tp: int,
-    training: bool,
+    config: LlamaVisionConfig, tiles: int, images: int, context: int, batch: int, size: int, tp: int
 ) -> int:
+    """Inference: the vision tower or the prompt's prefill, whichever is larger, and the last logits."""
+    kept = batch * context * config.text.hidden_size * size  # the residual stream
+    vision = _vision_bytes(config, tiles, images, batch, size, tp)
+    layer = _text_layer_bytes(config, tiles, images, context, batch, size, tp)
+    return max(vision, kept + layer) + batch * config.text.vocab_size * 4  # float32, last position only
+
+
+def training_activation_bytes(
+    config: LlamaVisionConfig, tiles: int, images: int, context: int, batch: int, size: int
+) -> int:
+    """Training: the activations of one step of `batch` rows of `context` tokens, by formula (fast, for
+    any size; the dry-run plan, finetune/memory.py, simulates the step instead). With activation
+    checkpointing per layer, each layer's input is kept and one layer's internals live at a time
+    (forward, then recomputed in backward next to their gradients: twice); the loss makes float32
+    logits one chunk of positions at a time (`token_loss`, LOSS_CHUNK_BYTES): the chunk, its
+    log-softmax and their gradient."""
+    V = config.text.vocab_size
+    kept = batch * context * config.text.hidden_size * size
+    vision = _vision_bytes(config, tiles, images, batch, size, 1)
+    layer = _text_layer_bytes(config, tiles, images, context, batch, size, 1)
+    chunk = min(batch * context, max(1, LOSS_CHUNK_BYTES // (4 * V)))
+    return vision + config.text.num_hidden_layers * kept + 2 * layer + 3 * chunk * V * 4
+
+
+def _vision_bytes(config: LlamaVisionConfig, tiles: int, images: int, batch: int, size: int, tp: int) -> int:
+    """The vision tower over every image of the batch at once, and the projected image tokens."""
+    if not images:
+        return 0
     t, v = config.text, config.vision
-    B, T, D, F, V = batch, context, t.hidden_size, t.intermediate_size, t.vocab_size
-    G = t.num_attention_heads // t.num_key_value_heads
+    L = v.num_patches + (8 - v.num_patches % 8) % 8  # tokens per tile, padded to a multiple of 8
+    X = batch * images * tiles * L  # every image token of the batch
+    K = len(v.intermediate_layers_indices)
     S = images * tiles * v.num_patches
-    vision = 0
-    if images:
-        L = v.num_patches + (8 - v.num_patches % 8) % 8  # tokens per tile, padded to a multiple of 8
-        X = B * images * tiles * L  # every image token of the batch, through the tower at once
-        K = len(v.intermediate_layers_indices)
-        vision = size * (
-            X * v.hidden_size * (6 + K)  # x, norm, q, k, v, attention out, kept intermediates
-            + X * v.intermediate_size // tp  # the MLP's hidden layer
-            + B * images * (tiles * L) ** 2  # the additive padding mask
-        )
-        vision += size * (X * v.vision_output_dim + B * S * D)  # the features, the projected tokens
-    kept = B * T * D * size  # the residual stream
-    text = (
-        size * B * T * (4 * D + 2 * D // tp + 3 * F // tp)
-    )  # q, attention out, o_proj out; keys/values per head; MLP
-    if images:
-        text += B * G * T * S * (1 + size) // tp  # the cross-attention mask, boolean and additive
-    if not training:
-        return max(vision, kept + text) + B * V * 4  # logits of the last position only, float32
-    layers = t.num_hidden_layers
-    logits = 2 * B * T * V * 4  # float32 logits and their gradient
-    return vision + layers * kept + 2 * text + logits
+    return size * (
+        X * v.hidden_size * (6 + K)  # x, norm, q, k, v, attention out, kept intermediates
+        + X * v.intermediate_size // tp  # the MLP's hidden layer
+        + batch * images * (tiles * L) ** 2  # the additive padding mask
+        + X * v.vision_output_dim  # the features
+        + batch * S * t.hidden_size  # the projected tokens
+    )
 
 
-def _check(
+def _text_layer_bytes(
+    config: LlamaVisionConfig, tiles: int, images: int, context: int, batch: int, size: int, tp: int
+) -> int:
+    """One text layer's internals: q, attention out, o_proj out; keys/values per head; the MLP; with
+    images, the cross-attention mask repeated per query group (boolean and additive)."""
+    t, v = config.text, config.vision
+    B, T, D, F = batch, context, t.hidden_size, t.intermediate_size
+    layer = size * B * T * (4 * D + 2 * D // tp + 3 * F // tp)
+    if images:
+        G = t.num_attention_heads // t.num_key_value_heads
+        layer += B * G * T * (images * tiles * v.num_patches) * (1 + size) // tp
+    return layer
+
+
+def check_options(
     config: LlamaVisionConfig,
     tiles: int,
     images: int,
@@ -219,7 +264,6 @@ def _check(
     batch: int,
     quant: str | None,
     tp: int,
-    mode: str | None,
 ) -> None:
     t, v = config.text, config.vision
     if not 1 <= tiles <= v.max_num_tiles:
@@ -234,8 +278,6 @@ def _check(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if quant not in (None, "int8", "int4"):
         raise ValueError(f"quant must be int8 or int4, got {quant!r}")
-    if mode not in (None, *MODES):
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if t.num_key_value_heads % tp or v.attention_heads % tp:
         raise ValueError(
             f"tp={tp} must divide the KV heads ({t.num_key_value_heads}) and the vision heads "
@@ -259,13 +301,13 @@ def request_cost(
     v = config.vision
     tiles = v.max_num_tiles if tiles is None else tiles
     context = prompt_tokens + max_new_tokens
-    _check(config, tiles, images, context, batch, None, tp, None)
+    check_options(config, tiles, images, context, batch, None, tp)
     size = torch.finfo(dtype).bits // 8
     return MemoryEstimate(
         weights=0,
         kv_cache=kv_cache_bytes(config, context, batch, size, tp),
         image_kv=image_kv_bytes(config, images, tiles, batch, size, tp) if images else 0,
-        activations=_activation_bytes(config, tiles, images, prompt_tokens, 1, size, tp, training=False),
+        activations=_activation_bytes(config, tiles, images, prompt_tokens, 1, size, tp),
     )
 
 

@@ -220,10 +220,32 @@ class LlamaVisionModel(DecoderGeneration, nn.Module):
         cross_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32 for token ids (B, T); image inputs as the processor makes them."""
+        return self.language_model.logits(
+            self.hidden_states(
+                input_ids,
+                attention_mask,
+                pixel_values,
+                aspect_ratio_ids,
+                aspect_ratio_mask,
+                cross_attention_mask,
+            )
+        )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D), the inputs of `forward`: what a training loss needs, which
+        applies the head only at the positions it scores (finetune/train.py)."""
         images = self.prepare_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
         mask = self_attention_mask(attention_mask, input_ids.shape[1])
         positions = token_positions(input_ids, attention_mask)
-        return self.language_model.logits(self.language_model(input_ids, positions, mask, images))
+        return self.language_model(input_ids, positions, mask, images)
 
     def request_cost(self, prompt_tokens: int, max_new_tokens: int, images: int) -> MemoryEstimate:
         """What one request adds to the loaded weights, as the planner prices it (memory.request_cost): its

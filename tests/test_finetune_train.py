@@ -106,6 +106,49 @@ def test_qlora_trains_two_steps_or_says_why(checkpoint: Path, data: Path, tmp_pa
     assert sorted(result.losses) == [1, 2] and (tmp_path / "final" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("chunk_rows", [3, None], ids=["chunks-of-3", "one-chunk"])
+def test_loss_from_hidden_states_equals_full_logits(
+    checkpoint: Path, data: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int | None
+) -> None:
+    """token_loss (head on the trained positions only, chunked and recomputed in backward) against the
+    cross-entropy of the whole (B, T, vocab) logits: the same loss, count, hits and gradients of every
+    parameter, on a batch of text-only rows and rows with 1 and 2 images."""
+    from llama_vision.finetune.collate import IGNORE, Collator
+    from llama_vision.finetune.data import load_examples
+    from llama_vision.tokenizer import Tokenizer
+    from llama_vision.weights import load_checkpoint
+
+    model = load_checkpoint(checkpoint, dtype=torch.float32)
+    vocab = model.config.text.vocab_size
+    if chunk_rows is not None:
+        monkeypatch.setattr(T.memory, "LOSS_CHUNK_BYTES", chunk_rows * 4 * vocab)
+    examples = load_examples(str(data))
+    batch = Collator(Tokenizer.from_dir(checkpoint), model.config, max_length=512)(examples[2:6])
+    assert (batch["labels"] != IGNORE).sum() > 3 * (chunk_rows or 1)  # several chunks when asked
+
+    def gradients() -> list[torch.Tensor]:
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"})[:, :-1]
+    labels = batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    expected_hits = ((logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
+    expected.backward()
+    expected_grads = gradients()
+
+    loss, n, hits = T.token_loss(model, batch)
+    loss.backward()
+    assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
+    assert int(n) == int((labels != IGNORE).sum()) and int(hits) == int(expected_hits)
+    for (name, _), got, want in zip(model.named_parameters(), gradients(), expected_grads):
+        assert (got - want).norm() <= 1e-4 * want.norm() + 1e-9, name  # float32 summation order only
+    assert any(g.abs().sum() > 0 for g in expected_grads[:5])  # the vision tower got gradients too
+
+
 def test_loss_falls_when_overfitting_one_batch(checkpoint: Path, data: Path, tmp_path: Path) -> None:
     one = tmp_path / "one.jsonl"
     one.write_text(data.read_text().splitlines()[0].replace('"img/', f'"{data.parent}/img/') + "\n")
@@ -290,10 +333,15 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-# LoRA is left out: alone it is within 15%, but inside the whole suite its measured peak RSS came out 17 to
-# 24% above the plan (peft's layers allocate outside what the planner sees, or RSS noise; not resolved).
-@pytest.mark.parametrize("mode", ["full"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
 def test_memory_plan_within_15_percent_of_measured_peak(checkpoint: Path, tmp_path: Path, mode: str) -> None:
+    """The plan's peak against the measured peak RSS of a fresh process, less its baseline.
+
+    glibc's malloc keeps freed blocks below its mmap threshold in the heap, and that threshold rises
+    to 32 MB as large blocks are freed, so the RSS of a step holds freed and fragmented blocks that
+    vary from run to run (LoRA once measured 17-24% above its plan inside the whole suite). A fixed
+    threshold of 64 KiB, as tests/test_memory.py uses, hands every such block back when freed: what is
+    measured is then the live tensors', which is what the plan counts."""
     random_image(112, 112, seed=1).save(tmp_path / "square.png")  # 2 x 2 tiles: the plan's worst case
     long_answer = " ".join(["word"] * 400)  # every row fills max_length
     record = {"messages": [
@@ -306,7 +354,8 @@ def test_memory_plan_within_15_percent_of_measured_peak(checkpoint: Path, tmp_pa
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
     out = subprocess.run([sys.executable, str(script), json.dumps(settings)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                           "MALLOC_MMAP_THRESHOLD_": "65536"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("MEMORY ")).split(" ", 1)[1])
     assert abs(figures["plan"] - figures["measured"]) <= 0.15 * figures["measured"], figures
@@ -337,3 +386,50 @@ def test_recipe_and_overrides(tmp_path: Path) -> None:
     for name in recipes:  # every recipe is valid once given a model (or, from scratch, as it is)
         scratch = "preset:" in name.read_text()
         assert load_recipe(name, [] if scratch else ["model=x"]).mode in ("adapters", "lora", "qlora", "full")
+
+
+def test_tensorboard_events_equal_the_log(checkpoint: Path, data: Path, tmp_path: Path) -> None:
+    """`--tensorboard DIR`: the training and evaluation scalars, read back with TensorBoard's own event
+    reader, equal the records of log.jsonl step by step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llama_vision.cli import main
+
+    events = tmp_path / "tb"
+    args = ["finetune", f"model={checkpoint}", f"data={data}", "mode=adapters", "batch_size=2", "lr=0.001",
+            "eval_max_new_tokens=2", "--eval-data", str(data), "--output", str(tmp_path / "out"),
+            "--max-steps", "2", "--tensorboard", str(events)]  # fmt: skip
+    assert main(args) == 0
+    logs = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    reader = EventAccumulator(str(events))
+    reader.Reload()
+    tags = set(reader.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss",
+            "eval/exact_match"} <= tags  # fmt: skip
+    for tag, key in (("train/loss", "loss"), ("train/grad_norm", "grad_norm"), ("train/lr", "lr"),
+                     ("eval/loss", "eval_loss"), ("eval/exact_match", "eval_exact_match")):  # fmt: skip
+        want = [(r["step"], r[key]) for r in logs if key in r]
+        got = [(e.step, e.value) for e in reader.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in want] and want, tag
+        assert all(abs(g - w) <= 1e-6 * max(1.0, abs(w)) for (_, g), (_, w) in zip(got, want)), tag
+
+
+def test_tensorboard_settings_and_a_missing_package(
+    checkpoint: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = dict(model="base", output=str(tmp_path))
+    assert TrainConfig(**base).tensorboard_dir is None
+    assert TrainConfig(**base, tensorboard=True).tensorboard_dir == tmp_path / "tensorboard"
+    assert TrainConfig(**base, report_to="tensorboard").tensorboard_dir == tmp_path / "tensorboard"
+    assert TrainConfig(**base, report_to=["none"]).tensorboard_dir is None
+    with pytest.raises(
+        ValueError, match=r"report_to: expected one of \['tensorboard', 'none'\], got 'wandb'"
+    ):
+        TrainConfig(**base, report_to="wandb")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ValueError, match=r"tensorboard logging needs the tensorboard package: pip install"):
+        T.train(
+            config(checkpoint, data, tmp_path / "out", mode="adapters", report_to="tensorboard"), log=quiet
+        )
+    assert not (tmp_path / "out").exists()  # said before anything ran

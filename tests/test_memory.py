@@ -89,12 +89,27 @@ def test_official_configs_by_hand() -> None:
     tp2 = estimate(get_preset("llama-3.2-90b-vision-instruct"), tp=2)
     assert 0.5 * big.weights < tp2.weights < 0.52 * big.weights and tp2.kv_cache == big.kv_cache // 2
 
-    full = estimate(get_preset("llama-3.2-11b-vision-instruct"), mode="full", context=2048)
-    assert full.gradients == full.weights and full.optimizer == 4 * full.weights  # bf16 grads, fp32 moments
-    lora = estimate(get_preset("llama-3.2-11b-vision-instruct"), mode="lora", context=2048)
-    assert 0 < lora.gradients < 0.01 * full.gradients
-    qlora = estimate(get_preset("llama-3.2-11b-vision-instruct"), mode="qlora", context=2048)
-    assert qlora.weights < 0.45 * lora.weights
+
+def test_training_estimates_by_hand() -> None:
+    """Fine-tuning figures (finetune/memory.py, on the trainer's own parameter arithmetic): trained
+    parameters, their gradients and AdamW's two moments in float32; LoRA's adapters small; QLoRA's
+    base in NF4; the loss never holds the whole (T, vocab) logits."""
+    from llama_vision.finetune.memory import training_estimate
+    from llama_vision.memory import LOSS_CHUNK_BYTES
+
+    config = get_preset("llama-3.2-11b-vision-instruct")
+    full = training_estimate(config, "full", context=2048)
+    assert full.weights == 10_670_220_835 * 4  # trained, so float32 master weights
+    assert full.gradients == full.weights and full.optimizer == 2 * full.weights
+    lora = training_estimate(config, "lora", context=2048)
+    assert 0 < lora.gradients < 0.01 * full.gradients and lora.optimizer == 2 * lora.gradients
+    assert 10_670_220_835 * 2 < lora.weights < 10_670_220_835 * 2.02  # bf16 base + float32 adapters
+    qlora = training_estimate(config, "qlora", context=2048)
+    assert qlora.weights < 0.45 * lora.weights and qlora.gradients == lora.gradients
+    logits = 2048 * config.text.vocab_size * 4
+    assert lora.activations < 4 * GiB and 3 * LOSS_CHUNK_BYTES < logits  # a chunk, not all of them
+    fsdp = training_estimate(config, "full", context=2048, world=8)
+    assert fsdp.optimizer == full.optimizer // 8 and fsdp.activations == full.activations
 
 
 def test_bad_options_are_named() -> None:
@@ -103,8 +118,10 @@ def test_bad_options_are_named() -> None:
         estimate(config, max_tiles=5)
     with pytest.raises(ValueError, match=r"tp=3 must divide the KV heads \(8\)"):
         estimate(config, tp=3)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        estimate(config, mode="dora")
+    from llama_vision.finetune.memory import training_estimate
+
+    with pytest.raises(ValueError, match=r"mode: expected one of \['adapters', 'lora', 'full', 'qlora'\]"):
+        training_estimate(config, "dora")
     with pytest.raises(ValueError, match="context must be an integer >= 1"):
         estimate(config, context=0)
 
@@ -131,7 +148,8 @@ def test_cli_estimate(capsys) -> None:
     assert main([*args, "--quant", "int4"]) == 0
     assert "16 GB: yes" in capsys.readouterr().out
     assert main([*args, "--mode", "full", "--tp", "8"]) == 0
-    assert "optimizer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "optimizer" in out and "per device of 8 (FSDP)" in out and "kv cache" not in out
 
 
 def test_cli_estimate_reads_only_the_config(tiny_checkpoint, tmp_path: Path, capsys) -> None:

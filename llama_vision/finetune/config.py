@@ -18,6 +18,7 @@ from llama_vision.finetune.lora import DEFAULT_LORA_MODULES, DEFAULT_LORA_PARTS,
 
 MODES = ("adapters", "lora", "full", "qlora")
 DTYPES = ("float32", "bfloat16", "float16")
+REPORT_TO = ("tensorboard", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,8 @@ class TrainConfig:
     eval_batch_size: int = 8
     resume: bool = False
     progress: bool | None = None  # None: when stderr is a terminal
+    tensorboard: bool | str = False  # true: TensorBoard events in output/tensorboard; a path: there
+    report_to: str | tuple[str, ...] = ()  # "tensorboard" (as tensorboard: true) or "none"
 
     def __post_init__(self) -> None:
         for name in ("lora_parts", "lora_modules", "betas"):
@@ -106,6 +109,13 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             check.fail("betas", f"need two numbers in [0, 1), got {list(self.betas)}")
         check_parts(self.lora_parts, "lora_parts")
+        object.__setattr__(
+            self, "report_to", (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        )
+        for target in self.report_to:
+            check.choice("report_to", target, REPORT_TO)
+        if not isinstance(self.tensorboard, (bool, str)) or self.tensorboard == "":
+            check.fail("tensorboard", f"expected true, false or a directory, got {self.tensorboard!r}")
         for name in ("train_vision", "skip_bad", "activation_checkpointing", "resume"):
             if not isinstance(getattr(self, name), bool):
                 check.fail(name, f"must be true or false, got {getattr(self, name)!r}")
@@ -117,6 +127,15 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        """Where TensorBoard events go, or None when the run does not log to TensorBoard."""
+        if isinstance(self.tensorboard, str):
+            return Path(self.tensorboard)
+        if self.tensorboard or "tensorboard" in self.report_to:
+            return Path(self.output or ".") / "tensorboard"
+        return None
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -28,18 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llama_vision.memory import PARTS, part_of
 from llama_vision.model import LlamaVisionModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PARTS = ("vision", "projector", "cross_attention", "self_attention", "embeddings_and_head")
-PART_NAMES = {
-    "vision": "vision encoder",
-    "projector": "projector",
-    "cross_attention": "cross-attention layers",
-    "self_attention": "self-attention layers",
-    "embeddings_and_head": "embeddings and head",
-}
 DEFAULT_LORA_PARTS = ("vision", "cross_attention")
 DEFAULT_LORA_MODULES = (
     "q_proj",
@@ -70,19 +63,6 @@ _TO_TRANSFORMERS = (
 _PEFT_PREFIX = "base_model.model."
 
 
-def part_of(model: LlamaVisionModel, name: str) -> str:
-    """The part (one of PARTS) that parameter or module `name` belongs to."""
-    if name.startswith("vision_model"):
-        return "vision"
-    if name.startswith("multi_modal_projector"):
-        return "projector"
-    match = re.match(r"language_model\.model\.layers\.(\d+)\.", name)
-    if match:
-        layer = int(match.group(1))
-        return "cross_attention" if layer in model.config.text.cross_attention_layers else "self_attention"
-    return "embeddings_and_head"
-
-
 def check_parts(parts: Sequence[str], option: str) -> tuple[str, ...]:
     bad = [p for p in parts if p not in PARTS]
     if bad or isinstance(parts, str):
@@ -98,7 +78,7 @@ def lora_targets(model: LlamaVisionModel, parts: Sequence[str], modules: Sequenc
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and name.rsplit(".", 1)[-1] in modules
-        and part_of(model, name) in parts
+        and part_of(name, model.config) in parts
     ]
     if not names:
         raise ValueError(

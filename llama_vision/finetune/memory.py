@@ -1,19 +1,23 @@
 """The memory plan of a training run: weights, trainable parameters, gradients, AdamW's state and the
 activations of one step, for a batch size, sequence length, images per row and tiles per image.
 
-Weights and optimizer state are counted from the model; the rest is simulated: the model is built on
-the meta device (no memory), the mode, LoRA and activation checkpointing are applied as for the run,
-and two training steps (forward, `token_loss`, backward, AdamW; the first step creates the optimizer
-state) run under a dispatch mode that tracks every tensor storage created and freed. The peak of live
-bytes over the steps is the plan's peak, transients included (the logits and their gradient, the
-recomputation of checkpointed layers, AdamW's temporaries). Attention is counted as a fused kernel
-(`_FusedAttention`: inputs, output and log-sum-exp, never the attention weights), as CUDA runs it. It is
-the memory of the tensors; a CUDA allocator's cache, CUDA's context and the Python process come on top.
+Weights, gradients and optimizer state are counted from the run's model built on the meta device
+(`_state_bytes`, with llama_vision/memory.py's `parameter_bytes`, the count that inference planning
+uses too). The activations are simulated (`plan_memory`, the `--dry-run` plan): the mode, LoRA and
+activation checkpointing are applied as for the run, and two training steps (forward, `token_loss`,
+backward, AdamW; the first step creates the optimizer state) run under a dispatch mode that tracks
+every tensor storage created and freed. The peak of live bytes over the steps is the plan's peak,
+transients included (the loss's chunk of logits and its gradient, the recomputation of checkpointed
+layers, AdamW's temporaries). Attention is counted as a fused kernel (`_FusedAttention`: inputs,
+output and log-sum-exp, never the attention weights), as CUDA runs it. It is the memory of the tensors;
+a CUDA allocator's cache, CUDA's context and the Python process come on top. `training_estimate`
+(`llama-vision estimate --mode`) takes the same state bytes and memory.py's activation formula
+instead of the simulation, which takes minutes for 11B or 90B.
 
 Worst case of the inputs: every row at the full sequence length, every token trained, every image with
 all its tiles. Under FSDP the weights, gradients and optimizer state are divided by the number of
-processes. For QLoRA the linear weights of the frozen base count 0.5 byte per parameter plus bitsandbytes'
-block statistics (NF4, blocks of 64), the simulation itself runs on bf16 weights.
+processes. For QLoRA the linear weights of the frozen base count as bitsandbytes' NF4 (0.5 byte per
+parameter and a float32 absmax per block of 64); the simulation itself runs on bf16 weights.
 """
 
 from __future__ import annotations
@@ -31,9 +35,14 @@ from torch.utils._pytree import tree_flatten
 
 from llama_vision.config import LlamaVisionConfig
 from llama_vision.finetune.config import TrainConfig
+from llama_vision.memory import (
+    GiB,
+    MemoryEstimate,
+    check_options,
+    parameter_bytes,
+    training_activation_bytes,
+)
 from llama_vision.model import LlamaVisionModel
-
-GiB = 2**30
 
 
 @dataclass
@@ -50,6 +59,19 @@ class MemoryPlan:
     images: int
     tiles: int
     world: int = 1
+
+    @property
+    def estimate(self) -> MemoryEstimate:
+        """The plan as the inference planner's parts (llama_vision/memory.py): image keys/values and
+        every other transient of the step are in `activations`; there is no KV cache in training."""
+        return MemoryEstimate(
+            weights=self.weight_bytes,
+            kv_cache=0,
+            image_kv=0,
+            activations=self.activation_bytes,
+            gradients=self.gradient_bytes,
+            optimizer=self.optimizer_bytes,
+        )
 
     def table(self) -> str:
         def gib(n: int) -> str:
@@ -142,26 +164,17 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan for `model_config` trained as `config` says (mode, LoRA, checkpointing, batch_size,
     max_length, max_tiles unless given here); weights in `dtype` (trained parameters in float32)."""
-    from llama_vision.finetune.train import checkpoint_layers, select_trainable, token_loss
+    from llama_vision.finetune.train import checkpoint_layers, token_loss
 
     batch = batch or config.batch_size
     seq_len = seq_len or config.max_length
     tiles = tiles or config.max_tiles or model_config.vision.max_num_tiles
-    with torch.device("meta"):
-        model = LlamaVisionModel(model_config).to(dtype)
-    select_trainable(model, replace(config, mode="lora") if config.mode == "qlora" else config)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    model = _planned_model(model_config, config, dtype)
     if config.activation_checkpointing:
         checkpoint_layers(model)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    if config.mode == "qlora":
-        weight_bytes -= _quantized_savings(model)
-    grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    optimizer_bytes = 2 * grad_bytes  # AdamW: two moments in the parameters' dtype (float32)
+    weight_bytes, grad_bytes, optimizer_bytes = _state_bytes(model, config)
 
     tracker = _LiveBytes({p.untyped_storage()._cdata for p in params})
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=world == 1 or config.distributed != "fsdp")
@@ -201,6 +214,28 @@ def plan_memory(
     )
 
 
+def _planned_model(model_config: LlamaVisionConfig, config: TrainConfig, dtype: torch.dtype) -> nn.Module:
+    """The run's model on the meta device: weights in `dtype`, the mode's trained parameters (LoRA
+    layers added) in float32, as the Trainer sets them up."""
+    from llama_vision.finetune.train import select_trainable
+
+    with torch.device("meta"):
+        model = LlamaVisionModel(model_config).to(dtype)
+    select_trainable(model, replace(config, mode="lora") if config.mode == "qlora" else config)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def _state_bytes(model: nn.Module, config: TrainConfig) -> tuple[int, int, int]:
+    """Weights (QLoRA: its base in NF4), gradients and AdamW's two moments of the trained parameters."""
+    nf4 = _qlora_quantized(model) if config.mode == "qlora" else set()
+    weights = sum(parameter_bytes(model, quant="nf4" if nf4 else None, quantized=nf4.__contains__).values())
+    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights, gradients, 2 * gradients  # the moments in the trained parameters' float32
+
+
 def _worst_case_batch(
     config: LlamaVisionConfig, batch: int, seq_len: int, images: int, tiles: int
 ) -> dict[str, torch.Tensor]:
@@ -221,18 +256,50 @@ def _worst_case_batch(
     return inputs
 
 
-def _quantized_savings(model: nn.Module) -> int:
-    """Bytes saved by storing the frozen linear weights (those qlora quantizes) as NF4."""
-    saved = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name in ("language_model.lm_head", "multi_modal_projector"):
-            continue
-        w = module.weight
-        if w.requires_grad:
-            continue
-        nf4 = w.numel() // 2 + (w.numel() // 64) * 4  # 4 bits per weight + a float32 absmax per block
-        saved += w.numel() * w.element_size() - nf4
-    return saved
+def _qlora_quantized(model: nn.Module) -> set[str]:
+    """Names of the weights that QLoRA stores as NF4: every frozen linear weight (LoRA's base layers
+    included) but the output layer's and the projector's, as train.quantize_frozen does."""
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name not in ("language_model.lm_head", "multi_modal_projector")
+        and not module.weight.requires_grad
+    }
+
+
+def training_estimate(
+    config: LlamaVisionConfig,
+    mode: str,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_tiles: int | None = None,
+    images: int = 1,
+    context: int = 2048,
+    batch: int = 1,
+    world: int = 1,
+) -> MemoryEstimate:
+    """Per device, fine-tuning `config` in `mode` with the recipes' settings (LoRA's defaults,
+    activation checkpointing) on rows of `context` tokens with `images` images of `max_tiles` tiles,
+    FSDP over `world` processes: what `llama-vision estimate --mode` prints. Weights, gradients and
+    optimizer state are the dry-run plan's own (`_state_bytes`); the activations come from the formula
+    of llama_vision/memory.py, as simulating a step of 11B or 90B takes minutes."""
+    tiles = config.vision.max_num_tiles if max_tiles is None else max_tiles
+    check_options(config, tiles, images, context, batch, None, world)
+    train = TrainConfig(model="estimate", mode=mode, activation_checkpointing=True, batch_size=batch,
+                        max_length=context, max_tiles=tiles, distributed="fsdp")  # fmt: skip
+    weights, gradients, optimizer = (
+        n // world for n in _state_bytes(_planned_model(config, train, dtype), train)
+    )
+    size = torch.finfo(dtype).bits // 8
+    return MemoryEstimate(
+        weights=weights,
+        kv_cache=0,
+        image_kv=0,  # in the activations
+        activations=training_activation_bytes(config, tiles, images, context, batch, size),
+        gradients=gradients,
+        optimizer=optimizer,
+    )
 
 
 def plan_for(trainer: Any) -> MemoryPlan:

@@ -38,8 +38,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
+from llama_vision import memory
 from llama_vision.adapters.cross_attention import CrossAttentionLayer
 from llama_vision.api import LlamaVision
 from llama_vision.config import LlamaVisionConfig, get_preset
@@ -49,7 +51,9 @@ from llama_vision.finetune.collate import IGNORE, Collator
 from llama_vision.finetune.config import TrainConfig
 from llama_vision.finetune.data import load_examples
 from llama_vision.finetune.evaluate import exact_match, held_out_loss
-from llama_vision.finetune.lora import apply_lora, has_lora, part_of, read_adapter, save_adapter
+from llama_vision.finetune.lora import apply_lora, has_lora, read_adapter, save_adapter
+from llama_vision.finetune.report import TensorBoard, summary_writer_class
+from llama_vision.memory import PART_NAMES, PARTS, part_of
 from llama_vision.model import LlamaVisionModel
 from llama_vision.processor import Processor
 from llama_vision.text import DecoderLayer
@@ -129,17 +133,11 @@ def select_trainable(model: LlamaVisionModel, config: TrainConfig) -> None:
             modules=config.lora_modules,
         )
         return
-    trained = {"full": set(part_names()), "adapters": {"cross_attention", "projector"}}[config.mode]
+    trained = {"full": set(PARTS), "adapters": {"cross_attention", "projector"}}[config.mode]
     if config.mode == "adapters" and config.train_vision:
         trained.add("vision")
     for name, p in model.named_parameters():
-        p.requires_grad_(part_of(model, name) in trained)
-
-
-def part_names() -> tuple[str, ...]:
-    from llama_vision.finetune.lora import PARTS
-
-    return PARTS
+        p.requires_grad_(part_of(name, model.config) in trained)
 
 
 def quantize_frozen(model: LlamaVisionModel, config: TrainConfig, device: torch.device) -> None:
@@ -182,11 +180,9 @@ def checkpoint_layers(model: LlamaVisionModel) -> None:
 
 def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Parameters by part: (trainable, total)."""
-    from llama_vision.finetune.lora import PART_NAMES
-
     counts = {part: [0, 0] for part in PART_NAMES}
     for name, p in model.named_parameters():
-        part = part_of(model, name)
+        part = part_of(name, model.config)
         n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit weights pack two per byte
         counts[part][1] += n
         counts[part][0] += n if p.requires_grad else 0
@@ -200,15 +196,46 @@ def token_loss(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of the cross-entropy over trained tokens, their count, and how many the model predicts
-    right (all three tensors). Position t predicts label t + 1. No boolean indexing (no data-dependent
-    shapes), so the memory planner runs this same function on the meta device."""
-    labels = batch["labels"][:, 1:]
+    right (all three tensors). Position t predicts label t + 1.
+
+    The head runs on the hidden states of the trained positions only, in chunks of LOSS_CHUNK_BYTES of
+    logits, each chunk checkpointed: its logits are made, scored and freed, and made again in backward
+    for their gradient. So the (B, T, vocab) logits, the largest activation of the step (11B: 1 GiB per
+    2,048 positions, and as much again for their gradient), never exist; the price is one more pass of
+    the head over the trained positions. On the meta device (the memory planner) every position counts
+    as trained, the planner's worst case, since which ones are is data the meta device does not hold."""
+    labels = batch["labels"][:, 1:].flatten()  # B*(T-1)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs)[:, :-1]  # B T-1 V float32
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    h = model.hidden_states(**inputs)[:, :-1].flatten(0, 1)  # B*(T-1) D
     keep = labels != IGNORE
-    correct = ((logits.detach().argmax(-1) == labels) & keep).sum()
+    if h.device.type == "meta":
+        index = torch.arange(labels.shape[0], device=h.device)
+    else:
+        index = keep.nonzero().squeeze(1)
+    h, labels = h.index_select(0, index), labels.index_select(0, index)  # N D, N
+    decoder = model.language_model
+    rows = max(1, memory.LOSS_CHUNK_BYTES // (4 * model.config.text.vocab_size))  # 11B: 523
+    loss = h.sum().float() * 0.0  # in the graph even with no trained position (FSDP's passes must reach it)
+    correct = labels.new_zeros(())
+    for start in range(0, h.shape[0], rows):
+        part, hits = torch.utils.checkpoint.checkpoint(
+            _chunk_loss,
+            decoder,
+            h[start : start + rows],
+            labels[start : start + rows],
+            use_reentrant=False,
+            preserve_rng_state=h.device.type != "meta",  # no generator to save on the meta device
+        )
+        loss, correct = loss + part, correct + hits
     return loss, keep.sum(), correct
+
+
+def _chunk_loss(
+    decoder: nn.Module, h: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = decoder.logits(h)  # n V float32
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    return loss, (logits.detach().argmax(-1) == labels).sum()
 
 
 class LossModule(nn.Module):
@@ -236,8 +263,8 @@ class LossModule(nn.Module):
 
 def zero_grad_term(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """FSDP: the output plus zero times every trained parameter of the root group, so each process
-    reduces the same gradients. A forward hook that runs before FSDP's own, while those parameters are
-    gathered (the self-attention layers' are sharded DTensors by then; they always get gradients)."""
+    reduces the same gradients. Runs inside FSDP's forward of `hidden_states`, while those parameters
+    are gathered (the self-attention layers' are sharded DTensors by then; they always get gradients)."""
     from torch.distributed.tensor import DTensor
 
     if not torch.is_grad_enabled():
@@ -312,6 +339,8 @@ class Trainer:
         self.output = Path(config.output)
         torch.manual_seed(config.seed)
 
+        if config.tensorboard_dir is not None:
+            summary_writer_class()  # a missing package is said before the model loads
         self.examples = load_examples(config.data, skip_bad=config.skip_bad)
         self.eval_examples = (
             load_examples(config.eval_data, skip_bad=config.skip_bad) if config.eval_data else []
@@ -352,7 +381,7 @@ class Trainer:
             checkpoint_layers(self.model)
         self.fsdp = self.d.world > 1 and self.config.distributed == "fsdp"
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
             for layer in self.model.modules():
                 if isinstance(layer, DecoderLayer):  # they always run (LossModule says why it matters)
@@ -361,8 +390,16 @@ class Trainer:
                     # parameters train) would otherwise gather them on some processes only and hang.
                     frozen = not any(p.requires_grad for p in layer.parameters())
                     fully_shard(layer, reshard_after_forward=not frozen)
-            self.model.register_forward_hook(lambda m, args, out: zero_grad_term(m, out), prepend=True)
             fully_shard(self.model)
+            hidden_states = self.model.hidden_states  # the loss's entry (token_loss), not forward
+
+            def gathered_hidden_states(*args: Any, **kwargs: Any) -> torch.Tensor:
+                return zero_grad_term(self.model, hidden_states(*args, **kwargs))
+
+            # FSDP's hooks wrap __call__ only: a method the loss calls must be registered, and the zero
+            # term goes inside FSDP's own pre/post-forward, where the root group is gathered
+            self.model.hidden_states = gathered_hidden_states
+            register_fsdp_forward_method(self.model, "hidden_states")
         self.runner: nn.Module = LossModule(self.model)
         if self.d.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -385,6 +422,10 @@ class Trainer:
         self.d.barrier()
         if c.resume:
             self.resume()
+        self.tensorboard = None
+        if self.d.main and c.tensorboard_dir is not None:
+            # resumed: hide what a killed run logged after the checkpoint, so the curves are one run
+            self.tensorboard = TensorBoard(c.tensorboard_dir, purge_step=self.step + 1 if self.step else None)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         c = self.config
@@ -418,6 +459,20 @@ class Trainer:
     # -- the loop
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def log(self, log_file: Path, record: dict[str, Any]) -> None:
+        """One record to log.jsonl and TensorBoard (main process only)."""
+        with open(log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def _run(self) -> TrainResult:
         result = TrainResult(self.output)
         progress = self.config.progress if self.config.progress is not None else sys.stderr.isatty()
         log_file = self.output / "log.jsonl"
@@ -436,8 +491,7 @@ class Trainer:
             result.losses[step + 1] = record["loss"]
             self.step = step + 1
             if self.d.main and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
-                with open(log_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                self.log(log_file, record)
             if self.d.main and progress:
                 print(
                     f"\rstep {self.step}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
@@ -543,8 +597,7 @@ class Trainer:
         self.d.barrier()
         self.runner.train()
         if self.d.main:
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.log(log_file, record)
             self.say("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in record.items()))  # fmt: skip
         return record
