@@ -23,9 +23,10 @@ answers stream piece by piece. Non-obvious choices:
 - Messages the demo adds (figures, errors) are tagged in their metadata and left out of the
   conversation the model sees; a turn that failed (a bad upload, a bad setting) is left out whole, so
   the next question works as if it had not been asked.
-- Uploads: Gradio refuses files over `max_file_size` and types outside `IMAGE_TYPES` before the chat
-  function runs (the browser's file picker offers only those); a file that passes but does not decode
-  (a text file named .png) gets its reason in the chat.
+- Uploads: a picture over `MAX_IMAGE_BYTES` (10 MB), or one that does not decode (a text file named
+  .png), gets its reason in the chat. Gradio itself refuses, with a pop-up, files over `MAX_FILE_SIZE`
+  (50 MB, so the server never stores huge uploads) and types outside `IMAGE_TYPES` (the browser's file
+  picker offers only those).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
     import gradio as gr
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
-MAX_FILE_SIZE = "10mb"
+MAX_IMAGE_BYTES = 10 * 2**20  # a bigger upload gets a message in the chat
+MAX_FILE_SIZE = "50mb"  # Gradio refuses anything bigger before it reaches the chat (a pop-up)
 MAX_IMAGE_PIXELS = 40_000_000  # about 6,300 x 6,300: far beyond any tile grid, far below a decompression bomb
 DEFAULT_MAX_NEW_TOKENS = 512
 # Metadata ids of the messages the demo adds (Gradio shows a message with an id but no title as usual).
@@ -212,6 +214,11 @@ def image(file: Any) -> Any:
     name = os.path.basename(path)
     if Path(path).suffix.lower() not in IMAGE_TYPES:
         raise ValueError(f"{name} is not an image this demo takes ({', '.join(IMAGE_TYPES)})")
+    size = os.path.getsize(path)
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(
+            f"{name} is {size / 2**20:.1f} MB; this demo takes pictures of up to {MAX_IMAGE_BYTES / 2**20:.0f} MB"
+        )
     try:
         return _decode(path)
     except ValueError as e:

@@ -154,9 +154,14 @@ def test_bad_uploads_get_a_message_and_the_next_question_works(
     assert reply["metadata"]["id"] == ERROR and "huge.png" in reply["content"]
     assert "40,000,000" in reply["content"] or "40000000" in reply["content"], reply["content"]
     big = tmp_path / "big.png"
-    big.write_bytes(path.read_bytes() + bytes(11 << 20))  # over the 10 MB upload limit
+    big.write_bytes(path.read_bytes() + bytes(11 << 20))  # over the 10 MB picture limit: a chat message
+    reply = ask(client, "And this?", big)
+    assert reply["metadata"]["id"] == ERROR
+    assert reply["content"] == "⚠️ big.png is 11.0 MB; this demo takes pictures of up to 10 MB"
+    huger = tmp_path / "huger.png"
+    huger.write_bytes(path.read_bytes() + bytes(51 << 20))  # over Gradio's own limit: refused before the chat
     with pytest.raises(ValueError, match="exceeds the maximum file size"):
-        ask(client, "And this?", big)
+        ask(client, "And this?", huger)
     text_file = tmp_path / "notes.txt"
     text_file.write_text("hello")
     with pytest.raises(AppError, match="Invalid file type"):  # outside the allow-list: Gradio refuses it
