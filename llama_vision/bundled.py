@@ -31,9 +31,6 @@ class ExampleImage:
     question: str  # a question the picture answers (the generator's, with its answer below)
     answer: str
 
-    def path(self, name: str) -> Path:
-        return EXAMPLES_DIR / f"{name}.png"
-
 
 EXAMPLES: dict[str, ExampleImage] = {
     "shapes": ExampleImage(2, "How many shapes are there?", "6"),
@@ -58,7 +55,7 @@ def example_path(name: str) -> Path:
     """The file of the example picture `name` (one of `EXAMPLES`)."""
     if name not in EXAMPLES:
         raise ValueError(f"unknown example image {name!r}; choose one of {', '.join(EXAMPLES)}")
-    return EXAMPLES[name].path(name)
+    return EXAMPLES_DIR / f"{name}.png"
 
 
 def resolve_image(value: str) -> str:

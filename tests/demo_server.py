@@ -12,18 +12,16 @@ from pathlib import Path
 import torch
 
 from llama_vision import LlamaVision, LlamaVisionModel, save_checkpoint
-from llama_vision.bundled import EXAMPLES_DIR
+from llama_vision.bundled import EMBEDDED_DIR, EXAMPLES_DIR
 from llama_vision.config import get_preset
 from llama_vision.demo import build_demo, bundled_examples, launch
-
-EMBEDDED = Path(__file__).parents[1] / "llama_vision" / "embedded"
 
 
 def random_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     save_checkpoint(LlamaVisionModel(get_preset("embedded")), path)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(EMBEDDED / name, path / name)
+        shutil.copy(EMBEDDED_DIR / name, path / name)
     return path
 
 

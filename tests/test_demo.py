@@ -3,7 +3,7 @@
 that reuses the image (the vision tower runs once), text-only turns, bad uploads answered in the chat
 with the next question still working, Stop freeing the engine's row, four sessions at once decoded
 together; the `demo` command's flags. A random-weight model of the embedded preset checks the plumbing;
-the right answers need the trained embedded model and are skipped until its weights are in the package.
+the shipped embedded model checks the answers.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 builds are never downloaded: `executable_path` is the system's chromium). Open the page, upload a
 picture, ask, watch the answer stream in and its figures appear, follow up; stop an answer (the engine's
 row is freed); a text file named .png gets a message in the chat and the next question works; clear the
-chat; run an example; screenshot the answered page and check it is not blank. The right answer needs
-the trained embedded model and is skipped until its weights are in the package. Under CI a missing
+chat; run an example; screenshot the answered page and check it is not blank; the shipped embedded
+model answers a question right on the page. Under CI a missing
 chromium or Playwright fails these tests instead of skipping them.
 """
 
