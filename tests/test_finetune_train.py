@@ -433,3 +433,30 @@ def test_tensorboard_settings_and_a_missing_package(
             config(checkpoint, data, tmp_path / "out", mode="adapters", report_to="tensorboard"), log=quiet
         )
     assert not (tmp_path / "out").exists()  # said before anything ran
+
+
+def test_group_by_length_batches_similar_lengths(checkpoint: Path, tmp_path: Path) -> None:
+    """Every example once an epoch, each batch sorted by text length and next to its neighbours in
+    length, batches in a seeded shuffled order that differs by epoch, and training runs."""
+    replies = [("word " * (1 + (7 * i) % 23)).strip() for i in range(42)]
+    lines = [json.dumps({"messages": [{"role": "user", "content": "Say it."},
+                                      {"role": "assistant", "content": r}]}) for r in replies]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    c = config(checkpoint, tmp_path / "train.jsonl", tmp_path / "out", batch_size=4, group_by_length=True)
+    trainer = T.Trainer(c, log=quiet)
+    lengths = trainer.lengths
+    assert lengths == [len("Say it.") + len(r) for r in replies]
+    orders = [trainer.order(epoch) for epoch in (0, 1)]
+    for order in orders:
+        assert sorted(order) == list(range(42))
+        batches = [order[k : k + 4] for k in range(0, 40, 4)]
+        for batch in batches:  # one run of 64 batches holds the epoch: batches are slices of one sort
+            assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+        ranks = sorted(order[:40], key=lambda i: -lengths[i])  # the last 2 are the dropped remainder
+        cuts = {tuple(sorted(lengths[i] for i in ranks[k : k + 4])) for k in range(0, 40, 4)}
+        assert {tuple(sorted(lengths[i] for i in b)) for b in batches} == cuts
+    assert orders[0] != orders[1] and orders[0] == T.Trainer(c, log=quiet).order(0)
+    plain = T.Trainer(config(checkpoint, tmp_path / "train.jsonl", tmp_path / "plain", batch_size=4), log=quiet)
+    assert plain.order(0) != orders[0] and sorted(plain.order(0)) == list(range(42))
+    trainer.prepare()
+    assert sorted(trainer.run().losses) == [1, 2]

@@ -39,6 +39,7 @@ class TrainConfig:
     eval_data: str | None = None
     skip_bad: bool = False
     max_length: int = 2048
+    group_by_length: bool = False  # batches of similar lengths: less padding, the same examples per epoch
     max_tiles: int | None = None  # tiles per image (default: the model's, 4)
     # optimisation
     epochs: int = 1

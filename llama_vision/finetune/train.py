@@ -16,8 +16,9 @@ Trained parameters are kept in float32; frozen weights stay in `dtype`, with bf1
 The loss is the mean cross-entropy over the trained tokens of the whole global batch: each pass adds
 its sum of token losses divided by the global count of trained tokens (summed over passes and
 processes before the first pass), so gradient accumulation and data parallelism give the gradients of
-one pass over the global batch. Data order is a permutation per epoch seeded by (seed, epoch), and step
-s reads global batch s of it (the incomplete last batch of an epoch is dropped): the data position is a
+one pass over the global batch. Data order is a permutation per epoch seeded by (seed, epoch), with
+`group_by_length` regrouped into batches of similar text lengths in shuffled order, and step s reads
+global batch s of it (the incomplete last batch of an epoch is dropped): the data position is a
 function of the step, and resuming restores the step, the weights, AdamW's state and the generators.
 """
 
@@ -49,7 +50,7 @@ from llama_vision.encoders.vision import VisionLayer
 from llama_vision.finetune import checkpoint as ckpt
 from llama_vision.finetune.collate import IGNORE, Collator
 from llama_vision.finetune.config import TrainConfig
-from llama_vision.finetune.data import load_examples
+from llama_vision.finetune.data import load_examples, text_length
 from llama_vision.finetune.evaluate import exact_match, held_out_loss
 from llama_vision.finetune.lora import apply_lora, has_lora, read_adapter, save_adapter
 from llama_vision.finetune.report import TensorBoard, summary_writer_class
@@ -63,6 +64,7 @@ from llama_vision.weights import hf_key, load_checkpoint, save_checkpoint
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The tanh gates: cross-attention layers (attention, MLP), the vision encoder's global layers and its
 # tile-position embeddings (module names as in the Hugging Face checkpoints).
+GROUP_BATCHES = 64  # group_by_length sorts runs of this many global batches
 GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate", "gate_attn", "gate_ffn", "gate")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")  # fmt: skip
@@ -364,6 +366,8 @@ class Trainer:
         self.autocast = self._autocast()
 
         self.global_batch = config.batch_size * config.grad_accum * self.d.world
+        self.lengths = [text_length(e) for e in self.examples] if config.group_by_length else []
+        self._order: tuple[int, list[int]] = (-1, [])
         self.steps_per_epoch = len(self.examples) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -440,8 +444,26 @@ class Trainer:
     # -- data
 
     def order(self, epoch: int) -> list[int]:
+        """Epoch `epoch`'s permutation of the examples; global batch s is its s-th slice."""
+        if self._order[0] != epoch:
+            self._order = (epoch, self._permutation(epoch))
+        return self._order[1]
+
+    def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        order = torch.randperm(len(self.examples), generator=g).tolist()
+        if not self.config.group_by_length:
+            return order
+        # Sort each run of GROUP_BATCHES global batches by length, cut it into global batches and shuffle
+        # those: a batch holds rows of similar length (less padding), and the batches are random.
+        size = self.global_batch
+        kept = len(order) // size * size  # the incomplete last batch stays last and is dropped
+        batches = []
+        for start in range(0, kept, size * GROUP_BATCHES):
+            run = sorted(order[start : min(start + size * GROUP_BATCHES, kept)], key=lambda i: -self.lengths[i])
+            batches += [run[k : k + size] for k in range(0, len(run), size)]
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return [i for batch in shuffled for i in batch] + order[kept:]
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This process's passes of global batch `step`."""
