@@ -3,6 +3,7 @@ checkpoint and the same collated batch, for LoRA and for full fine-tuning.
 
     python bench/finetune.py                     # bench-small, float32, CPU, batch 2
     python bench/finetune.py --batch 4 --repeats 5
+    python bench/finetune.py --autocast          # both sides under bf16 autocast (CPUs with bf16 units)
 
 A step is forward, loss, backward, AdamW step, zero_grad. Ours: `LlamaVisionModel` with LoRA from
 `llama_vision.finetune.lora.apply_lora` and `finetune.train.token_loss`; theirs:
@@ -66,8 +67,8 @@ def batch_of(checkpoint: Path, size: int) -> dict[str, torch.Tensor]:
 
 
 class Side:
-    def __init__(self, name: str, mode: str, checkpoint: Path) -> None:
-        self.name, self.mode = name, mode
+    def __init__(self, name: str, mode: str, checkpoint: Path, autocast: bool = False) -> None:
+        self.name, self.mode, self.autocast = name, mode, autocast
         if name == "ours":
             from llama_vision.finetune.lora import apply_lora
 
@@ -93,11 +94,13 @@ class Side:
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        if self.name == "ours":
-            loss_sum, n, _ = token_loss(self.model, batch)
-            loss = loss_sum / n
-        else:
-            loss = self.model(**batch, use_cache=False).loss
+        # float32 weights and optimizer either way; autocast runs the matrix products in bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            if self.name == "ours":
+                loss_sum, n, _ = token_loss(self.model, batch)
+                loss = loss_sum / n
+            else:
+                loss = self.model(**batch, use_cache=False).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -122,10 +125,10 @@ def prepare_checkpoint(path: Path) -> None:
     (hf / "model.safetensors").symlink_to(path / "model.safetensors")
 
 
-def memory_run(checkpoint: Path, name: str, mode: str, batch_size: int) -> None:
+def memory_run(checkpoint: Path, name: str, mode: str, batch_size: int, autocast: bool) -> None:
     """One side and mode, alone in this process: print its peak memory in MB."""
     batch = batch_of(checkpoint, batch_size)
-    side = Side(name, mode, checkpoint)
+    side = Side(name, mode, checkpoint, autocast)
     release_memory()
     with peak_memory(torch.device("cpu")) as peak:
         side.step(batch)
@@ -138,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint", type=Path, help="reuse (or keep) the random checkpoint here")
+    parser.add_argument("--autocast", action="store_true", help="both sides under bfloat16 autocast")
     parser.add_argument("--memory-run", nargs=2, metavar=("SIDE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     tmp = None
@@ -147,16 +151,17 @@ def main() -> None:
     if not (args.checkpoint / "config.json").is_file():
         prepare_checkpoint(args.checkpoint)
     if args.memory_run:
-        memory_run(args.checkpoint, *args.memory_run, args.batch)
+        memory_run(args.checkpoint, *args.memory_run, args.batch, args.autocast)
         return
 
     batch = batch_of(args.checkpoint, args.batch)
     tokens = int(batch["attention_mask"].sum())
-    print(f"bench-small, float32, CPU ({torch.get_num_threads()} threads), batch {args.batch} rows of "
+    precision = "float32 weights, bfloat16 autocast" if args.autocast else "float32"
+    print(f"bench-small, {precision}, CPU ({torch.get_num_threads()} threads), batch {args.batch} rows of "
           f"{batch['input_ids'].shape[1]} tokens ({tokens} in all), one 4-tile image per row")  # fmt: skip
     rows = []
     for mode in ("lora", "full"):
-        sides = {name: Side(name, mode, args.checkpoint) for name in ("ours", "transformers")}
+        sides = {name: Side(name, mode, args.checkpoint, args.autocast) for name in ("ours", "transformers")}
         times: dict[str, list[float]] = {name: [] for name in sides}
         losses = {name: side.step(batch) for name, side in sides.items()}  # warm-up
         for _ in range(args.repeats):
@@ -169,7 +174,7 @@ def main() -> None:
         memory = {}
         for name in ("ours", "transformers"):
             command = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--batch", str(args.batch),
-                       "--memory-run", name, mode]  # fmt: skip
+                       "--memory-run", name, mode, *(["--autocast"] if args.autocast else [])]  # fmt: skip
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             memory[name] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
         speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
