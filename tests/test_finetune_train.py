@@ -456,7 +456,9 @@ def test_group_by_length_batches_similar_lengths(checkpoint: Path, tmp_path: Pat
         cuts = {tuple(sorted(lengths[i] for i in ranks[k : k + 4])) for k in range(0, 40, 4)}
         assert {tuple(sorted(lengths[i] for i in b)) for b in batches} == cuts
     assert orders[0] != orders[1] and orders[0] == T.Trainer(c, log=quiet).order(0)
-    plain = T.Trainer(config(checkpoint, tmp_path / "train.jsonl", tmp_path / "plain", batch_size=4), log=quiet)
+    plain = T.Trainer(
+        config(checkpoint, tmp_path / "train.jsonl", tmp_path / "plain", batch_size=4), log=quiet
+    )
     assert plain.order(0) != orders[0] and sorted(plain.order(0)) == list(range(42))
     trainer.prepare()
     assert sorted(trainer.run().losses) == [1, 2]

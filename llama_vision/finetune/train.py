@@ -61,10 +61,10 @@ from llama_vision.text import DecoderLayer
 from llama_vision.tokenizer import Tokenizer
 from llama_vision.weights import hf_key, load_checkpoint, save_checkpoint
 
+GROUP_BATCHES = 64  # group_by_length sorts runs of this many global batches
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The tanh gates: cross-attention layers (attention, MLP), the vision encoder's global layers and its
 # tile-position embeddings (module names as in the Hugging Face checkpoints).
-GROUP_BATCHES = 64  # group_by_length sorts runs of this many global batches
 GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate", "gate_attn", "gate_ffn", "gate")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")  # fmt: skip
@@ -460,7 +460,9 @@ class Trainer:
         kept = len(order) // size * size  # the incomplete last batch stays last and is dropped
         batches = []
         for start in range(0, kept, size * GROUP_BATCHES):
-            run = sorted(order[start : min(start + size * GROUP_BATCHES, kept)], key=lambda i: -self.lengths[i])
+            run = sorted(
+                order[start : min(start + size * GROUP_BATCHES, kept)], key=lambda i: -self.lengths[i]
+            )
             batches += [run[k : k + size] for k in range(0, len(run), size)]
         shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return [i for batch in shuffled for i in batch] + order[kept:]
