@@ -90,12 +90,8 @@ class LlamaVision:
         path = model_dir(path)
         device, dtype = usable_device(device), parse_dtype(dtype)
         if is_text_checkpoint(path):  # Llama 1 to 3.3 text models: the same decoder without adapters
-            if quantize is not None:
-                raise ValueError(
-                    "quantize is supported for Llama 3.2 Vision checkpoints only, not text-only ones"
-                )
             processor = TextProcessor.from_dir(path, read_llama_config(path))
-            load = load_llama
+            load = partial(load_llama, quantize=quantize)
         else:  # a missing tokenizer fails before loading
             processor = Processor.from_dir(path, read_config(path))
             load = partial(load_checkpoint, quantize=quantize)

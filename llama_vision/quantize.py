@@ -38,11 +38,13 @@ from torch import nn
 from llama_vision.config import LlamaVisionConfig
 
 SCHEMES = ("int8", "int4")
-TARGETS = ("text", "cross", "vision", "projector")
+TARGETS = ("text", "cross", "vision", "projector", "head")
 DEFAULT_TARGETS = ("text", "cross")
+TEXT_MODEL_TARGETS = ("text", "head")  # text-only Llamas (llama.py), see the module docstring
+CPU_INT4_GROUP = 128
 
-_TEXT_LINEAR = re.compile(
-    r"language_model\.model\.layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight"
+_TEXT_LINEAR = re.compile(  # a vision model's decoder, or a text-only Llama's (no prefix)
+    r"(?:language_model\.)?model\.layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight"
 )
 _VISION_LINEAR = re.compile(r"vision_model\..*\.(self_attn\.[qkvo]_proj|mlp\.fc[12])\.weight")
 
@@ -55,6 +57,8 @@ def part_of(name: str, config: LlamaVisionConfig) -> str | None:
         return "vision"
     if name == "multi_modal_projector.weight":
         return "projector"
+    if name in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "head"
     return None
 
 
@@ -79,8 +83,7 @@ def group_size(in_features: int, preferred: int) -> int:
 def torchao_config(scheme: str, weight: torch.Tensor):  # -> torchao AOBaseConfig
     """The torchao config for one weight (out, in) on its device (see the module docstring)."""
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
-        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     except ImportError:  # a RuntimeError, so the command line prints it as one line
         raise RuntimeError(
             "quantization needs torchao: pip install 'llama-vision[quant]' (or pip install torchao)"
@@ -92,9 +95,9 @@ def torchao_config(scheme: str, weight: torch.Tensor):  # -> torchao AOBaseConfi
             raise ValueError(f"int4 on CUDA needs dtype=torch.bfloat16, got {weight.dtype}")
         size = group_size(weight.shape[1], 128)
         return Int4WeightOnlyConfig(group_size=size, int4_packing_format="tile_packed_to_4d")
-    return IntxWeightOnlyConfig(
-        weight_dtype=torch.int4, granularity=PerGroup(group_size(weight.shape[1], 32))
-    )
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=group_size(weight.shape[1], CPU_INT4_GROUP))
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str) -> nn.Parameter:
@@ -123,7 +126,7 @@ def quantize_hooks(config: LlamaVisionConfig, scheme: str, targets: Iterable[str
                 f"cannot quantize {name}: it is already a {type(tensor.data).__name__} (quantization together "
                 "with tensor parallelism is not supported)"
             )
-        return quantize_weight(tensor, scheme)
+        return quantize_weight(tensor, scheme_for(name, scheme, config))
 
     return LoadHooks(transform=transform)
 
@@ -133,8 +136,16 @@ def quantize_model(model: nn.Module, scheme: str, targets: Iterable[str] = DEFAU
     targets = check(scheme, targets)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and part_of(f"{name}.weight", model.config) in targets:
-            module.weight = quantize_weight(module.weight.detach(), scheme)
-    return model
+            module.weight = quantize_weight(
+                module.weight.detach(), scheme_for(f"{name}.weight", scheme, model.config)
+            )
+    return model  # a tied head quantized here is a new parameter: the embedding keeps its table
+
+
+def scheme_for(name: str, scheme: str, config: LlamaVisionConfig) -> str:
+    """The scheme for the weight `name`: the output layer's is int8 under either (its rounding moves
+    every logit; llama.cpp also keeps its output layer at 6 to 8 bits under q4_0)."""
+    return "int8" if part_of(name, config) == "head" else scheme
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
