@@ -11,19 +11,26 @@ its kernels. Module names and state_dict keys do not change, and code that walks
 blocked-matmul path, LoRA) can tell a quantized layer by its weight not being a plain tensor.
 
 Parts (`targets`): "text" (the self-attention layers' q/k/v/o and MLPs), "cross" (the cross-attention
-layers' q/k/v/o and MLPs), "vision" (the ViT's projections and MLPs), "projector". The default is
-text + cross: GPTQ-style tools leave the cross-attention layers unquantized, we do not. Always kept in
-the load dtype: embeddings, the output layer (lm_head; its rounding moves every logit), norms, gates and
-the patch convolution (not an `nn.Linear`).
+layers' q/k/v/o and MLPs), "vision" (the ViT's projections and MLPs), "projector", "head" (the output
+layer, lm_head). The default is text + cross: GPTQ-style tools leave the cross-attention layers
+unquantized, we do not. Text-only Llamas (llama.py) use text + head (`TEXT_MODEL_TARGETS`): their head
+is a large share of a decode step's reads (Llama 3.2 1B: 263 M of 1.24 B weights, half the bytes of an
+int4 model if kept in bfloat16), and llama.cpp quantizes it too. The head is int8 under either scheme
+(its rounding moves every logit; llama.cpp keeps it at 6 bits, q6_K, under q4_0). A tied head becomes
+its own quantized copy; the embedding table stays in the load dtype for the lookups. Always kept in the
+load dtype: embeddings, norms, gates and the patch convolution (not an `nn.Linear`).
 
 Schemes (torchao 0.18, checked on this CPU and for CUDA):
 - "int8": `Int8WeightOnlyConfig`, one float32 scale per output row: 1 byte a weight, any device/dtype.
+  torchao's own CPU product converts the whole matrix to the input dtype on each call; the CPU few-row
+  path (cpu_linear.py) multiplies these weights with `torch._weight_int8pack_mm` instead.
 - "int4" on CUDA: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")`,
   tinygemm's packed layout, half a byte a weight plus a bfloat16 scale and zero per 128; needs bfloat16.
-- "int4" on the CPU: torchao 0.18 has no packed weight-only int4 CPU kernel without its optional C++
-  extension, so `IntxWeightOnlyConfig(weight_dtype=torch.int4, PerGroup(32))` is used: int4 values and
-  rounding, but stored one per byte (`IntxUnpackedToInt8Tensor`). Accuracy is int4's, memory is int8's
-  (slightly more, the group scales): it saves memory against bfloat16 only as int8 does.
+- "int4" on the CPU: `PrototypeInt4WeightOnlyConfig(group_size=128)` (torchao's `Int4OpaqueTensor`,
+  a prototype API in 0.18): the weight packed two per byte for PyTorch's CPU tinygemm kernel
+  (`torch._weight_int4pack_mm_for_cpu`), a scale and zero per 128 in the load dtype: 0.53 bytes a
+  weight in bfloat16. Its kernel is fast with bfloat16 inputs only (measured: 8192 x 2048, one row,
+  0.26 ms in bfloat16, 15 ms in float32), so load int4 models in bfloat16 on the CPU.
 Group sizes fall back to 64 or 32 where a layer's input width is not a multiple of the default.
 """
 
