@@ -2,11 +2,15 @@
 random weights, on a Llama-3.2-1B-shaped model (2048 wide, 16 layers, 32 heads / 8 KV heads, 8192 MLP,
 tied 128,256-token embeddings, llama3 RoPE factor 32; 1.24 B parameters).
 
-For each precision (float32, and 16-bit: bfloat16 for ours and transformers, f16 for llama.cpp, its
-16-bit CPU format) it reports prompt tokens/s (one 64-token prompt, prefill only) and decode tokens/s at
-batch 1 (greedy, `--new-tokens` tokens after the first), each with its share of the bandwidth limit:
-read bandwidth (bench/generate.py's `memory_bandwidth`, measured just before each run) divided by the
-bytes a decode step reads (every weight once; the tied table once, as the output layer).
+For each precision (float32; 16-bit: bfloat16 for ours and transformers, f16 for llama.cpp, its
+16-bit CPU format; int8 and int4 weights: ours and transformers through torchao with bfloat16
+activations, against llama.cpp's q8_0 and q4_0) it reports prompt tokens/s (one 64-token prompt,
+prefill only) and decode tokens/s at batch 1 (greedy, `--new-tokens` tokens after the first), each with
+its share of the bandwidth limit: read bandwidth (bench/generate.py's `memory_bandwidth`, measured just
+before each run) divided by the bytes a decode step reads (every weight once, counted from the loaded
+model or, for llama.cpp, the GGUF file; a tied table once, as the output layer; an untied embedding
+table, which a step reads one row of, not at all). Quantized rows also count how many greedy tokens
+equal the same engine's 16-bit ones.
 
 The checkpoint is written by transformers (`save_pretrained`), and llama.cpp's GGUF files are made from
 it by llama.cpp's own converter, `convert_hf_to_gguf.py` from the llama-cpp-python source distribution
@@ -15,6 +19,7 @@ it by llama.cpp's own converter, `convert_hf_to_gguf.py` from the llama-cpp-pyth
 Models are loaded one at a time (a float32 copy is 4.9 GB). Command:
 
     python bench/llama_cpu.py                       # add --layers 4 for a quick run on a shallower model
+    python bench/llama_cpu.py --checkpoint DIR --precisions int8,int4   # a part, on a kept checkpoint
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from reference import meta_tokenizer_path, randomize_  # noqa: E402
 
 from llama_vision import LlamaVision  # noqa: E402
 from llama_vision.llama import LLAMA_PRESETS  # noqa: E402
+from llama_vision.quantize import CPU_INT4_GROUP, tensor_bytes  # noqa: E402
 from llama_vision.tokenizer import PRETOKENIZE_REGEX, SPECIAL_TOKENS  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -81,20 +87,29 @@ def write_tokenizer_json(out: Path) -> None:
     )
 
 
-def step_bytes(layers: int, element: int) -> int:
-    """Bytes one decode step reads: every weight once (the tied table once, as the head)."""
-    c = LLAMA_PRESETS["llama-3.2-1b"]
-    d, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * f + 2 * d
-    return (layers * per_layer + c.vocab_size * d + d) * element
+Run = tuple[float, float, list[int], int]  # prompt tok/s, decode tok/s, greedy tokens, bytes a step reads
+
+
+def step_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every weight once (a tied table once, as the output layer; torchao's
+    quantized weights with their scales), except embedding tables, of which a step reads one row."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    heads = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (id(p) in tables and id(p) not in heads):
+            continue
+        seen.add(id(p))
+        total += tensor_bytes(p)
+    return total
 
 
 def bandwidth() -> float:
     return memory_bandwidth(CPU, gib=0.5, repeats=2)[0]
 
 
-def run_ours(path: Path, dtype: torch.dtype, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
-    lv = LlamaVision.from_pretrained(path, dtype=dtype, background=False)
+def run_ours(path: Path, dtype: torch.dtype, quantize: str | None, prompt: list[int], new: int) -> Run:
+    lv = LlamaVision.from_pretrained(path, dtype=dtype, quantize=quantize, background=False)
     inputs = {
         "input_ids": torch.tensor([prompt]),
         "attention_mask": torch.ones(1, len(prompt), dtype=torch.long),
@@ -111,15 +126,33 @@ def run_ours(path: Path, dtype: torch.dtype, prompt: list[int], new: int) -> tup
     for _ in it:
         pass
     decode_s = time.perf_counter() - t
-    del lv
+    nbytes = step_bytes(lv.model)
+    tokens = request.tokens
+    del lv, request, it
     gc.collect()
-    return len(prompt) / prompt_s, new / decode_s, request.tokens
+    return len(prompt) / prompt_s, new / decode_s, tokens, nbytes
 
 
-def run_hf(path: Path, dtype: torch.dtype, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
+def hf_quantization(quantize: str | None) -> dict[str, Any]:
+    """transformers' own torchao path (`TorchAoConfig`) with the CPU configs quantize.py uses."""
+    if quantize is None:
+        return {}
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    if quantize == "int8":
+        return {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig())}
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return {"quantization_config": TorchAoConfig(PrototypeInt4WeightOnlyConfig(group_size=CPU_INT4_GROUP))}
+
+
+def run_hf(path: Path, dtype: torch.dtype, quantize: str | None, prompt: list[int], new: int) -> Run:
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        str(path), dtype=dtype, device_map="cpu", **hf_quantization(quantize)
+    ).eval()
     ids = torch.tensor([prompt])
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
@@ -133,9 +166,10 @@ def run_hf(path: Path, dtype: torch.dtype, prompt: list[int], new: int) -> tuple
         t = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kwargs)
         decode_s = time.perf_counter() - t - first
+    nbytes = step_bytes(model)
     del model
     gc.collect()
-    return len(prompt) / prompt_s, new / decode_s, out[0, len(prompt) :].tolist()
+    return len(prompt) / prompt_s, new / decode_s, out[0, len(prompt) :].tolist(), nbytes
 
 
 def convert_gguf(path: Path, outtype: str, script: Path) -> Path:
@@ -166,7 +200,7 @@ def quantize_gguf(path: Path, source: Path, kind: str) -> Path:
     return out
 
 
-def run_llamacpp(gguf: Path, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
+def run_llamacpp(gguf: Path, prompt: list[int], new: int) -> Run:
     from llama_cpp import Llama
 
     llm = Llama(
@@ -185,7 +219,7 @@ def run_llamacpp(gguf: Path, prompt: list[int], new: int) -> tuple[float, float,
     decode_s = time.perf_counter() - t
     del llm
     gc.collect()
-    return len(prompt) / prompt_s, new / decode_s, tokens
+    return len(prompt) / prompt_s, new / decode_s, tokens, gguf.stat().st_size  # each weight read once
 
 
 def _last_argmax(llm: Any) -> int:
@@ -197,6 +231,20 @@ def _last_argmax(llm: Any) -> int:
     return int(logits.argmax())
 
 
+PRECISIONS = {  # label: our dtype, our quantize, llama.cpp's GGUF type
+    "float32": (torch.float32, None, "f32"),
+    "16-bit": (torch.bfloat16, None, "f16"),
+    "int8": (torch.bfloat16, "int8", "q8_0"),
+    "int4": (torch.bfloat16, "int4", "q4_0"),
+}
+
+
+def llamacpp_gguf(path: Path, kind: str, script: Path) -> Path:
+    if kind in ("f32", "f16"):
+        return convert_gguf(path, kind, script)
+    return quantize_gguf(path, convert_gguf(path, "f16", script), kind)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=16, help="decoder layers (Llama 3.2 1B: 16)")
@@ -204,8 +252,15 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--checkpoint", type=Path, help="keep the random checkpoint (and GGUFs) here")
     parser.add_argument("--convert-script", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
+    parser.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="comma-separated, of " + ", ".join(PRECISIONS)
+    )
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
+    precisions = args.precisions.split(",")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        parser.error(f"unknown precisions {unknown}; choose from {list(PRECISIONS)}")
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
 
     path = args.checkpoint or Path(tempfile.mkdtemp(prefix="llama_cpu_"))
@@ -226,44 +281,39 @@ def main() -> None:
     if not have_llamacpp:
         print("llama.cpp: skipped (needs llama-cpp-python and --convert-script convert_hf_to_gguf.py)")
 
-    rows = []
-    for label, dtype, gguf_type in (("float32", torch.float32, "f32"), ("16-bit", torch.bfloat16, "f16")):
-        element = 4 if dtype == torch.float32 else 2
-        nbytes = step_bytes(layers, element)
-        engines = [("llama_vision", lambda d=dtype: run_ours(path, d, prompt, args.new_tokens))]
+    rows, tokens = [], {}
+    for label in precisions:
+        dtype, quantize, gguf_type = PRECISIONS[label]
+        engines = [
+            ("llama_vision", lambda d=dtype, q=quantize: run_ours(path, d, q, prompt, args.new_tokens))
+        ]
         if not args.skip_hf:
-            engines.append(("transformers", lambda d=dtype: run_hf(path, d, prompt, args.new_tokens)))
-        if have_llamacpp:
-            gguf = convert_gguf(path, gguf_type, args.convert_script)
             engines.append(
-                (f"llama.cpp {gguf_type}", lambda f=gguf: run_llamacpp(f, prompt, args.new_tokens))
+                ("transformers", lambda d=dtype, q=quantize: run_hf(path, d, q, prompt, args.new_tokens))
             )
+        if have_llamacpp:
+            gguf = llamacpp_gguf(path, gguf_type, args.convert_script)
+            engines.append(("llama.cpp", lambda f=gguf: run_llamacpp(f, prompt, args.new_tokens)))
         results = {}
         for name, run in engines:
             bw = bandwidth()
-            prompt_tps, decode_tps, tokens = run()
+            prompt_tps, decode_tps, tokens[label, name], nbytes = run()
             limit = bw / nbytes
-            results[name] = (prompt_tps, decode_tps, tokens)
-            rows.append((label, name, prompt_tps, decode_tps, 100 * decode_tps / limit, bw / 1e9, limit))
-        ours_tokens = results["llama_vision"][2]
-        for name, (_, _, tokens) in results.items():
-            same = sum(a == b for a, b in zip(ours_tokens, tokens))
+            results[name] = (prompt_tps, decode_tps)
+            engine = f"{name} {gguf_type}" if name == "llama.cpp" else name
+            rows.append((label, engine, prompt_tps, decode_tps, 100 * decode_tps / limit, bw / 1e9, limit))
+        ours_tokens = tokens[label, "llama_vision"]
+        for name in results:
+            same = sum(a == b for a, b in zip(ours_tokens, tokens[label, name]))
             print(f"{label}: {name} greedy tokens equal to ours: {same} of {len(ours_tokens)}")
-        for name, (p, d, _) in results.items():
+            if ("16-bit", name) in tokens and label in ("int8", "int4"):
+                base = tokens["16-bit", name]
+                same = sum(a == b for a, b in zip(base, tokens[label, name]))
+                print(f"{label}: {name} greedy tokens equal to its own 16-bit ones: {same} of {len(base)}")
+        for name, (p, d) in results.items():
             if name != "llama_vision":
                 o = results["llama_vision"]
                 print(f"{label}: ours / {name}: prompt {o[0] / p:.2f}x, decode {o[1] / d:.2f}x")
-
-    if have_llamacpp:  # no int8 / int4 path of ours on this branch: llama.cpp's alone, for reference
-        f16 = convert_gguf(path, "f16", args.convert_script)
-        for kind in ("q8_0", "q4_0"):
-            gguf = quantize_gguf(path, f16, kind)
-            bw = bandwidth()
-            prompt_tps, decode_tps, _ = run_llamacpp(gguf, prompt, args.new_tokens)
-            limit = bw / gguf.stat().st_size  # the file is the weights, each read once per step
-            rows.append(
-                (kind, f"llama.cpp {kind}", prompt_tps, decode_tps, 100 * decode_tps / limit, bw / 1e9, limit)
-            )
 
     print()
     print(

@@ -84,18 +84,14 @@ class LlamaVision:
         name ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype; `compile` compiles
         the decode step with torch.compile (each new batch and length bucket compiles once, the first
         answers take longer); `quantize` "int8" or "int4" quantizes the text and cross-attention weights
-        while loading (torchao, quantize.py); `adapter` runs a PEFT LoRA adapter directory on the model
+        (a text-only Llama's decoder layers and output layer) while loading (torchao, quantize.py); `adapter` runs a PEFT LoRA adapter directory on the model
         without merging it (llama_vision.finetune.lora). On the CPU the linear layers get the blocked few-row path
         (cpu_linear.py; quantized ones keep torchao's). Other keywords are engine options (see the class)."""
         path = model_dir(path)
         device, dtype = usable_device(device), parse_dtype(dtype)
         if is_text_checkpoint(path):  # Llama 1 to 3.3 text models: the same decoder without adapters
-            if quantize is not None:
-                raise ValueError(
-                    "quantize is supported for Llama 3.2 Vision checkpoints only, not text-only ones"
-                )
             processor = TextProcessor.from_dir(path, read_llama_config(path))
-            load = load_llama
+            load = partial(load_llama, quantize=quantize)
         else:  # a missing tokenizer fails before loading
             processor = Processor.from_dir(path, read_config(path))
             load = partial(load_checkpoint, quantize=quantize)

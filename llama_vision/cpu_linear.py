@@ -9,13 +9,20 @@ the weight as blocks of 256 rows and multiplying them with one batched `bmm` rea
 bandwidth (32 to 40 GB/s measured, bench/generate.py), and is also faster up to about 64 rows. For
 long inputs (the vision tower's 1,056 rows per image) `F.linear` is at the compute peak and is kept.
 
+Weight-only int8 weights (torchao's `Int8Tensor`, one scale per output row, quantize.py) have the same
+problem worse: torchao's CPU product converts the whole int8 matrix to the input's dtype on every call
+and multiplies that copy, reading and writing 3 to 9 bytes per weight where 1 suffices. For them the
+few-row forward calls PyTorch's `torch._weight_int8pack_mm` instead, which reads the int8 matrix as it
+is and scales the sums per row: the same products, in any float dtype, the same stored weight.
+
 `use_blocked_linears(model)` gives every plain `nn.Linear` below `model` this forward as an instance
 attribute: the modules stay `nn.Linear` (their type, parameters and state_dict keys are unchanged), so
 quantizers, LoRA and tensor parallelism that look for `nn.Linear` still find every layer, and
-`restore_linears` takes the path off again. It skips layers whose weight is not a plain tensor
-(quantized or distributed weights) and, at run time, falls back to `F.linear` for anything but float32
-CPU inputs of at most `MAX_ROWS` rows, or a weight that a later transform replaced. Results equal
-`F.linear` up to float32 rounding (the sums run in another order).
+`restore_linears` takes the path off again. It skips layers whose weight is neither a plain tensor nor
+a per-row int8 weight (int4, distributed weights keep their own product) and, at run time, falls back
+to `F.linear` for anything but CPU inputs of at most `MAX_ROWS` rows (float32 only for plain weights),
+or a weight that a later transform replaced. Results equal `F.linear` up to rounding (the sums run in
+another order).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ def blocked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // self.in_features
     block = _block(self.out_features)
     weight = self.weight
+    if rows <= MAX_ROWS and x.device.type == "cpu" and is_int8_rows(weight):
+        return _int8_rows_forward(self, x)
     if (
         rows > MAX_ROWS
         or block is None
@@ -52,10 +61,36 @@ def blocked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def _int8_rows_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight = self.weight
+    flat = x.reshape(-1, self.in_features).contiguous()
+    out = torch._weight_int8pack_mm(flat, weight.qdata, weight.scale.view(-1).to(x.dtype))
+    if self.bias is not None:
+        out = out + self.bias
+    return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def is_int8_rows(weight: torch.Tensor) -> bool:
+    """Whether `weight` is torchao's weight-only int8 tensor with one scale per output row (symmetric:
+    its zero points are all 0), the layout `torch._weight_int8pack_mm` multiplies."""
+    if type(weight).__name__ != "Int8Tensor" or not type(weight).__module__.startswith("torchao."):
+        return False
+    return (
+        weight.ndim == 2
+        and weight.act_quant_kwargs is None
+        and weight.act_pre_scale is None
+        and list(weight.block_size) == [1, weight.shape[1]]
+        and weight.qdata.is_contiguous()
+    )
+
+
 def use_blocked_linears(model: nn.Module) -> nn.Module:
-    """Give the plain-weight `nn.Linear` layers below `model` the blocked small-batch path, in place."""
+    """Give the `nn.Linear` layers below `model` with a plain or per-row int8 weight the small-batch
+    path, in place."""
     for layer in model.modules():
-        if type(layer) is nn.Linear and type(layer.weight) in _PLAIN and _block(layer.out_features):
+        if type(layer) is not nn.Linear:
+            continue
+        if (type(layer.weight) in _PLAIN and _block(layer.out_features)) or is_int8_rows(layer.weight):
             layer.forward = types.MethodType(blocked_forward, layer)
     return model
 

@@ -266,11 +266,20 @@ def load_llama(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> LlamaForCausalLM:
     """Build a text Llama on the meta device and fill it from a checkpoint directory (either layout),
-    with the same strict key and shape checks as `load_checkpoint`; `dtype` None keeps the stored one."""
+    with the same strict key and shape checks as `load_checkpoint`; `dtype` None keeps the stored one.
+    `quantize` "int8" or "int4" quantizes the decoder layers' linear weights and the output layer (int8)
+    as they are read (quantize.py; embeddings and norms keep `dtype`; a tied head becomes its own int8
+    copy, the embedding table stays for the lookups)."""
     path = _checkpoint_dir(path)
     config = read_llama_config(path)
+    hooks = []
+    if quantize is not None:
+        from llama_vision.quantize import TEXT_MODEL_TARGETS, quantize_hooks  # torchao is optional
+
+        hooks.append(quantize_hooks(config, quantize, TEXT_MODEL_TARGETS))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     if (path / "config.json").is_file():
@@ -285,11 +294,11 @@ def load_llama(
         tensors = list(tensors)  # shapes and dtypes only: nothing is read yet
         dtype = _common_dtype(tensors)
     try:
-        _fill(model, tensors, torch.device(device), dtype, (), progress)
+        _fill(model, tensors, torch.device(device), dtype, hooks, progress)
     finally:
         release_staging()
-    if config.tie_word_embeddings:
-        model.tie_weights()  # the two names were filled as two parameters
+    if config.tie_word_embeddings and type(model.lm_head.weight.data) is torch.Tensor:
+        model.tie_weights()  # the two names were filled as two parameters (a quantized head stays apart)
     return model.eval()
 
 

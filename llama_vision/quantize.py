@@ -11,19 +11,26 @@ its kernels. Module names and state_dict keys do not change, and code that walks
 blocked-matmul path, LoRA) can tell a quantized layer by its weight not being a plain tensor.
 
 Parts (`targets`): "text" (the self-attention layers' q/k/v/o and MLPs), "cross" (the cross-attention
-layers' q/k/v/o and MLPs), "vision" (the ViT's projections and MLPs), "projector". The default is
-text + cross: GPTQ-style tools leave the cross-attention layers unquantized, we do not. Always kept in
-the load dtype: embeddings, the output layer (lm_head; its rounding moves every logit), norms, gates and
-the patch convolution (not an `nn.Linear`).
+layers' q/k/v/o and MLPs), "vision" (the ViT's projections and MLPs), "projector", "head" (the output
+layer, lm_head). The default is text + cross: GPTQ-style tools leave the cross-attention layers
+unquantized, we do not. Text-only Llamas (llama.py) use text + head (`TEXT_MODEL_TARGETS`): their head
+is a large share of a decode step's reads (Llama 3.2 1B: 263 M of 1.24 B weights, half the bytes of an
+int4 model if kept in bfloat16), and llama.cpp quantizes it too. The head is int8 under either scheme
+(its rounding moves every logit; llama.cpp keeps it at 6 bits, q6_K, under q4_0). A tied head becomes
+its own quantized copy; the embedding table stays in the load dtype for the lookups. Always kept in the
+load dtype: embeddings, norms, gates and the patch convolution (not an `nn.Linear`).
 
 Schemes (torchao 0.18, checked on this CPU and for CUDA):
 - "int8": `Int8WeightOnlyConfig`, one float32 scale per output row: 1 byte a weight, any device/dtype.
+  torchao's own CPU product converts the whole matrix to the input dtype on each call; the CPU few-row
+  path (cpu_linear.py) multiplies these weights with `torch._weight_int8pack_mm` instead.
 - "int4" on CUDA: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")`,
   tinygemm's packed layout, half a byte a weight plus a bfloat16 scale and zero per 128; needs bfloat16.
-- "int4" on the CPU: torchao 0.18 has no packed weight-only int4 CPU kernel without its optional C++
-  extension, so `IntxWeightOnlyConfig(weight_dtype=torch.int4, PerGroup(32))` is used: int4 values and
-  rounding, but stored one per byte (`IntxUnpackedToInt8Tensor`). Accuracy is int4's, memory is int8's
-  (slightly more, the group scales): it saves memory against bfloat16 only as int8 does.
+- "int4" on the CPU: `PrototypeInt4WeightOnlyConfig(group_size=128)` (torchao's `Int4OpaqueTensor`,
+  a prototype API in 0.18): the weight packed two per byte for PyTorch's CPU tinygemm kernel
+  (`torch._weight_int4pack_mm_for_cpu`), a scale and zero per 128 in the load dtype: 0.53 bytes a
+  weight in bfloat16. Its kernel is fast with bfloat16 inputs only (measured: 8192 x 2048, one row,
+  0.26 ms in bfloat16, 15 ms in float32), so load int4 models in bfloat16 on the CPU.
 Group sizes fall back to 64 or 32 where a layer's input width is not a multiple of the default.
 """
 
@@ -38,11 +45,13 @@ from torch import nn
 from llama_vision.config import LlamaVisionConfig
 
 SCHEMES = ("int8", "int4")
-TARGETS = ("text", "cross", "vision", "projector")
+TARGETS = ("text", "cross", "vision", "projector", "head")
 DEFAULT_TARGETS = ("text", "cross")
+TEXT_MODEL_TARGETS = ("text", "head")  # text-only Llamas (llama.py), see the module docstring
+CPU_INT4_GROUP = 128
 
-_TEXT_LINEAR = re.compile(
-    r"language_model\.model\.layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight"
+_TEXT_LINEAR = re.compile(  # a vision model's decoder, or a text-only Llama's (no prefix)
+    r"(?:language_model\.)?model\.layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight"
 )
 _VISION_LINEAR = re.compile(r"vision_model\..*\.(self_attn\.[qkvo]_proj|mlp\.fc[12])\.weight")
 
@@ -55,6 +64,8 @@ def part_of(name: str, config: LlamaVisionConfig) -> str | None:
         return "vision"
     if name == "multi_modal_projector.weight":
         return "projector"
+    if name in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "head"
     return None
 
 
@@ -79,8 +90,7 @@ def group_size(in_features: int, preferred: int) -> int:
 def torchao_config(scheme: str, weight: torch.Tensor):  # -> torchao AOBaseConfig
     """The torchao config for one weight (out, in) on its device (see the module docstring)."""
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
-        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     except ImportError:  # a RuntimeError, so the command line prints it as one line
         raise RuntimeError(
             "quantization needs torchao: pip install 'llama-vision[quant]' (or pip install torchao)"
@@ -92,9 +102,9 @@ def torchao_config(scheme: str, weight: torch.Tensor):  # -> torchao AOBaseConfi
             raise ValueError(f"int4 on CUDA needs dtype=torch.bfloat16, got {weight.dtype}")
         size = group_size(weight.shape[1], 128)
         return Int4WeightOnlyConfig(group_size=size, int4_packing_format="tile_packed_to_4d")
-    return IntxWeightOnlyConfig(
-        weight_dtype=torch.int4, granularity=PerGroup(group_size(weight.shape[1], 32))
-    )
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=group_size(weight.shape[1], CPU_INT4_GROUP))
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str) -> nn.Parameter:
@@ -123,7 +133,7 @@ def quantize_hooks(config: LlamaVisionConfig, scheme: str, targets: Iterable[str
                 f"cannot quantize {name}: it is already a {type(tensor.data).__name__} (quantization together "
                 "with tensor parallelism is not supported)"
             )
-        return quantize_weight(tensor, scheme)
+        return quantize_weight(tensor, scheme_for(name, scheme, config))
 
     return LoadHooks(transform=transform)
 
@@ -133,8 +143,16 @@ def quantize_model(model: nn.Module, scheme: str, targets: Iterable[str] = DEFAU
     targets = check(scheme, targets)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and part_of(f"{name}.weight", model.config) in targets:
-            module.weight = quantize_weight(module.weight.detach(), scheme)
-    return model
+            module.weight = quantize_weight(
+                module.weight.detach(), scheme_for(f"{name}.weight", scheme, model.config)
+            )
+    return model  # a tied head quantized here is a new parameter: the embedding keeps its table
+
+
+def scheme_for(name: str, scheme: str, config: LlamaVisionConfig) -> str:
+    """The scheme for the weight `name`: the output layer's is int8 under either (its rounding moves
+    every logit; llama.cpp also keeps its output layer at 6 to 8 bits under q4_0)."""
+    return "int8" if part_of(name, config) == "head" else scheme
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

@@ -67,12 +67,24 @@ def test_quantize_model_equals_quantizing_while_loading(checkpoint: Path) -> Non
         torch.testing.assert_close(loaded(IDS), built(IDS), rtol=0, atol=0)
 
 
-def test_blocked_cpu_path_skips_quantized_layers(checkpoint: Path) -> None:
-    model = use_blocked_linears(load_checkpoint(checkpoint, dtype=torch.float32, quantize="int8"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_multiplies_int8_rows_and_keeps_int4(checkpoint: Path, dtype: torch.dtype) -> None:
+    """int8 layers get the few-row int8 kernel (the same products as torchao's), int4 ones keep torchao's
+    packed product; every layer stays `nn.Linear` with torchao's weight."""
+    model = use_blocked_linears(load_checkpoint(checkpoint, dtype=dtype, quantize="int8"))
     quantized = [m for m in model.modules() if isinstance(m, nn.Linear) and is_quantized(m.weight)]
     assert quantized and {type(m) for m in quantized} == {nn.Linear}
-    assert not any("forward" in m.__dict__ for m in quantized)  # torchao's product, not the blocked one
-    assert "forward" in model.language_model.lm_head.__dict__  # plain weights still get the fast path
+    assert all("forward" in m.__dict__ for m in quantized)
+    assert "forward" in model.language_model.lm_head.__dict__  # plain weights get the blocked path
+    layer = quantized[0]
+    for rows in (1, 5):
+        x = torch.randn(rows, layer.in_features, dtype=dtype)
+        torchao = torch.nn.functional.linear(x, layer.weight)
+        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
+        torch.testing.assert_close(layer(x), torchao, **tolerance)
+    int4 = use_blocked_linears(load_checkpoint(checkpoint, dtype=dtype, quantize="int4"))
+    quantized = [m for m in int4.modules() if isinstance(m, nn.Linear) and is_quantized(m.weight)]
+    assert quantized and not any("forward" in m.__dict__ for m in quantized)
 
 
 def test_from_pretrained_quantize_generates(checkpoint: Path) -> None:
@@ -89,3 +101,35 @@ def test_bad_options(checkpoint: Path) -> None:
         load_checkpoint(checkpoint, quantize="int3")
     with pytest.raises(ValueError, match="unknown quantization targets"):
         quantize_model(load_checkpoint(checkpoint), "int8", targets=("decoder",))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_text_llama_quantized(scheme: str, meta_tokenizer_model: Path, tmp_path: Path) -> None:
+    """A tied text Llama (3.2 1B style): its decoder layers get the scheme, its output layer int8 as its
+    own copy (the embedding table stays for the lookups), and greedy answers stay the float model's."""
+    from reference import randomize_
+
+    from llama_vision.llama import LLAMA_PRESETS, LlamaForCausalLM, load_llama, save_llama
+
+    config = LLAMA_PRESETS["llama-3.2-1b"].replace(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    save_llama(randomize_(LlamaForCausalLM(config), seed=3), tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(meta_tokenizer_model.read_bytes())
+    model = load_llama(tmp_path, dtype=torch.float32, quantize=scheme)
+    layers = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.")]
+    assert len(layers) == 2 * 7 and all(is_quantized(m.weight) for m in layers)
+    assert type(layers[0].weight).__name__ == ("Int8Tensor" if scheme == "int8" else "Int4OpaqueTensor")
+    assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+    assert type(model.model.embed_tokens.weight) is nn.Parameter
+    assert tensor_bytes(layers[0].weight) < (0.3 if scheme == "int8" else 0.16) * layers[0].weight.numel() * 4
+
+    lv = LlamaVision.from_pretrained(tmp_path, dtype=torch.float32, quantize=scheme)
+    plain = LlamaVision.from_pretrained(tmp_path, dtype=torch.float32)
+    messages = [{"role": "user", "content": "Hello there"}]
+    answer = lv.chat(messages, temperature=0, max_new_tokens=8)
+    assert answer == plain.chat(messages, temperature=0, max_new_tokens=8)  # random weights: wide margins
