@@ -55,7 +55,10 @@ def blocked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.bias)
     w = weight.view(-1, block, self.in_features)  # nb block in
     cols = x.reshape(rows, self.in_features).t()  # in rows
-    out = torch.bmm(w, cols.expand(w.shape[0], -1, -1)).view(self.out_features, rows).t()  # rows out
+    out = torch.bmm(w, cols.expand(w.shape[0], -1, -1)).view(self.out_features, rows)  # out rows
+    # Back to rows x out in row-major order: a transposed view would make every later op strided and
+    # push attention off SDPA's fused kernel (it needs the head dimension contiguous).
+    out = out.t().contiguous()
     if self.bias is not None:
         out = out + self.bias
     return out.reshape(*x.shape[:-1], self.out_features)

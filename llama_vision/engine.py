@@ -211,8 +211,9 @@ class Engine:
     """Serves generation requests on `model`; see the module docstring.
 
     `stop_ids` end a request unless its config names its own `eos_token_ids` (default: the checkpoint's
-    `eos_token_id`). Each step admits waiting requests until their prompt and image tokens pass
-    `prefill_tokens_per_step` (at least one), so running rows keep decoding between long prefills.
+    `eos_token_id`). While rows are decoding, each step admits waiting requests until their prompt and
+    image tokens pass `prefill_tokens_per_step` (at least one), so running rows keep decoding between
+    long prefills; with no row decoding only their prompt tokens count (see `_admit`).
     `compile` is True (inductor; CUDA graphs on a GPU) or a torch.compile backend.
     `max_length` caps prompt + answer per request (default: the model's context, at most
     4,096); `max_images` is the image pool per row; `max_cache_tokens` the budget of reserved tokens
@@ -362,8 +363,19 @@ class Engine:
     def tokens(self, inputs: dict[str, torch.Tensor], config: GenerationConfig) -> Iterator[torch.Tensor]:
         """A batch (B rows of processor outputs, left- or right-padded) as B requests: yields every row's
         next token (B,) per step; a row that has ended yields FINISHED (-1). A row's end-of-turn id is
-        yielded, then the row has ended. Closing the iterator cancels the requests."""
-        requests = [self.add_request(row, config) for row in split_rows(inputs)]
+        yielded, then the row has ended. Closing the iterator cancels the requests.
+
+        The rows are queued under the engine's lock, so the loop sees them all at once and an idle engine
+        prefills them together; a row that is refused cancels the rows queued before it."""
+        requests: list[Request] = []
+        with self._lock:
+            try:
+                for row in split_rows(inputs):
+                    requests.append(self.add_request(row, config))
+            except BaseException:
+                for r in requests:
+                    r.cancel()
+                raise
         streams = [iter(r) for r in requests]
         try:
             while True:
@@ -455,16 +467,25 @@ class Engine:
                 self._free(i)
 
     def _admit(self) -> None:
-        """Take the waiting requests that fit (a free row each, room in `max_cache_tokens`, and together
-        within `prefill_tokens_per_step`, the first always) and prefill them together."""
+        """Take the waiting requests that fit (a free row each, room in `max_cache_tokens`) and prefill
+        them together, first in, first out.
+
+        While rows are decoding, the admitted prompt and image tokens together stay within
+        `prefill_tokens_per_step` (the first request always goes), so those rows wait for one bounded
+        prefill at most between two tokens. With no row decoding nobody waits on the prefill, so only the
+        prompt tokens count: requests arriving together at an idle engine (a batch, a burst of clients)
+        are prefilled at once instead of one per step with decode steps between them. The vision tower
+        then runs in calls of at most `prefill_tokens_per_step` image tokens each (`_encode`), so neither
+        the text prefill nor a vision call grows past what a step costs while decoding."""
         with self._lock:
             free = [i for i, r in enumerate(self._rows) if r is None]
+            idle = len(free) == len(self._rows)
             batch: list[tuple[int, Request]] = []
             tokens = 0
             while self._waiting and len(batch) < len(free):
                 request = self._waiting[0]
                 need = request.prompt_tokens + request.max_new_tokens
-                cost = request.prompt_tokens + request.image_tokens
+                cost = request.prompt_tokens + (0 if idle else request.image_tokens)
                 if self._reserved + need > self.max_cache_tokens:
                     break  # first in, first out: the head waits for room
                 if batch and tokens + cost > self.prefill_tokens_per_step:
@@ -540,9 +561,22 @@ class Engine:
         self._choose([r for _, r in batch], logits)
 
     def _encode(self, images: list[_Images]) -> list[ImageKV]:
-        """Every request's real images through the vision tower in one call; each one's image keys/values."""
-        if not images:
-            return []
+        """Every request's real images through the vision tower, in as few calls as keep each call within
+        `prefill_tokens_per_step` image tokens (one request's images at least); each one's image
+        keys/values."""
+        groups: list[list[_Images]] = []
+        tokens = 0
+        for im in images:
+            cost = im.pixel_values.shape[1] * self.image_tokens_per_image
+            if not groups or tokens + cost > self.prefill_tokens_per_step:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(im)
+            tokens += cost
+        return [kv for group in groups for kv in self._encode_together(group)]
+
+    def _encode_together(self, images: list[_Images]) -> list[ImageKV]:
+        """Requests' real images through the vision tower in one call; each one's image keys/values."""
         model, device = self.model, self.model.device
         pixels = torch.cat([im.pixel_values for im in images], dim=1).to(device=device, dtype=model.dtype)
         ids = torch.cat([im.aspect_ratio_ids for im in images], dim=1).to(device)

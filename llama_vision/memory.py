@@ -16,9 +16,10 @@ The parts, in bytes per device (TP = tensor-parallel degree):
 - image_kv: the cross-attention keys and values held for the request: cross-attention layers x 2 x batch
   x (images x tiles x tokens per tile) x KV heads / TP x head width. Tokens per tile: 1601 at 560 px.
 - activations: the largest transient of one forward pass, from the code's own tensors, for one request:
-  the engine prefills requests together only while their prompt and image tokens stay within its
-  `prefill_tokens_per_step` (1,024 by default, well below one 4-tile image), so a request at the limits
-  of `context` and `images` is prefilled alone. The vision tower over all images at once (hidden
+  the engine prefills requests together only while their prompt tokens (and, while rows decode, their
+  image tokens) stay within its `prefill_tokens_per_step` (1,024 by default, well below one 4-tile
+  image), and runs the vision tower in calls within it, so a request at the limits of `context` and
+  `images` is prefilled and encoded alone. The vision tower over all images at once (hidden
   states, the kept intermediate layers, q/k/v, the MLP, the additive padding mask of (N x L)^2 per
   image), or the prompt's prefill (hidden states, q/k/v with keys repeated per head, the MLP, the
   cross-attention mask repeated per query group), whichever is larger. The prefill runs the whole

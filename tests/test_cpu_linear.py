@@ -25,6 +25,7 @@ def test_equals_f_linear(rows: int, out_features: int, bias: bool, monkeypatch) 
     got = layer(x)
     assert calls == [1]  # the blocked path ran
     assert got.shape == expected.shape
+    assert got.stride() == expected.stride()  # row-major like F.linear: SDPA's fused kernel needs it
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -141,6 +141,56 @@ def test_requests_arriving_together_are_prefilled_together(lv: LlamaVision, monk
     assert encoded == [2 + 2 + 1]  # the fresh requests' real images only: A+B, B+B, the new one
 
 
+def test_an_idle_engine_prefills_a_burst_at_once_a_busy_one_within_its_budget(
+    lv: LlamaVision, monkeypatch
+) -> None:
+    """`prefill_tokens_per_step` protects rows that decode. With none decoding, waiting image requests
+    are prefilled together (only their prompt tokens count, the vision tower runs in calls within the
+    budget); while rows decode, image requests over the budget join one per step. Tokens equal alone."""
+    burst = [CHATS[0], CHATS[4], [user("And this one?", IMAGE_B)], [user("Once more.", IMAGE_A)]]
+    late = [[user("Late.", IMAGE_A)], [user("Later.", IMAGE_B)]]
+    inputs = [lv.processor.chat_inputs([c]) for c in burst + late]
+    budget = sum(i["input_ids"].shape[1] for i in inputs[:4])  # the burst's prompts, under 2 images
+    assert budget < 2 * lv.engine.image_tokens_per_image + min(i["input_ids"].shape[1] for i in inputs)
+    config = GenerationConfig(max_new_tokens=6, eos_token_ids=NEVER)
+    expected = [alone(lv, i, config) for i in inputs]
+    prefills, encoded = [], []
+    real_prefill, real_encode = lv.model.prefill, lv.model.encode_images
+    monkeypatch.setattr(
+        lv.model, "prefill", lambda ids, *a: prefills.append(ids.shape[0]) or real_prefill(ids, *a)
+    )
+    monkeypatch.setattr(
+        lv.model, "encode_images", lambda px, *a: encoded.append(px.shape[1]) or real_encode(px, *a)
+    )
+    engine = Engine(lv.model, background=False, prefix_cache_bytes=0, prefill_tokens_per_step=budget)
+    requests = [engine.add_request(i, config) for i in inputs[:4]]
+    engine.step()
+    assert prefills == [4] and encoded == [1, 1, 1, 1]  # one prefill; each vision call within the budget
+    requests += [engine.add_request(i, config) for i in inputs[4:]]
+    engine.step()
+    engine.step()
+    assert prefills == [4, 1, 1]  # the burst decodes meanwhile: one late image request per step
+    while engine.step():
+        pass
+    assert [r.tokens for r in requests] == expected
+
+
+def test_a_batch_reaches_an_idle_engine_at_once(lv: LlamaVision, monkeypatch) -> None:
+    """`Engine.tokens` queues its rows together, so the background loop prefills them in one go."""
+    inputs = lv.processor.chat_inputs([CHATS[0], CHATS[4], CHATS[1], CHATS[2]])
+    prefills = []
+    real_prefill = lv.model.prefill
+    monkeypatch.setattr(
+        lv.model, "prefill", lambda ids, *a: prefills.append(ids.shape[0]) or real_prefill(ids, *a)
+    )
+    engine = Engine(lv.model, prefix_cache_bytes=0)
+    try:
+        steps = list(engine.tokens(inputs, GenerationConfig(max_new_tokens=3, eos_token_ids=NEVER)))
+    finally:
+        engine.close()
+    assert len(steps) == 3 and prefills == [4]
+
+
 def test_a_failing_request_in_a_batched_prefill_fails_alone(lv: LlamaVision) -> None:
     engine = Engine(lv.model, background=False, prefix_cache_bytes=0)
     config = GenerationConfig(max_new_tokens=5, eos_token_ids=NEVER)
