@@ -22,6 +22,7 @@ from reference import random_image
 from safetensors.torch import load_file, save_file
 
 from llama_vision import LlamaVision
+from llama_vision.config import get_preset
 from llama_vision.finetune import train as T
 from llama_vision.finetune.config import TrainConfig, load_recipe
 
@@ -370,11 +371,31 @@ def test_train_from_a_preset(data: Path, tmp_path: Path, hf_tokenizer_json: Path
     assert lv.config.text.hidden_size == 128
 
 
+def test_train_from_a_config_json(data: Path, tmp_path: Path, hf_tokenizer_json: Path) -> None:
+    """`preset` may name a config.json: an architecture of one's own, trained from scratch."""
+    config = get_preset("tiny").to_hf()
+    config["text_config"]["num_hidden_layers"] = 3
+    config["text_config"]["cross_attention_layers"] = [1]
+    (tmp_path / "arch.json").write_text(json.dumps(config))
+    c = TrainConfig(preset=str(tmp_path / "arch.json"), tokenizer=str(hf_tokenizer_json), data=str(data),
+                    output=str(tmp_path / "run"), mode="full", max_steps=1, batch_size=2)  # fmt: skip
+    T.train(c, log=quiet)
+    lv = LlamaVision.from_pretrained(tmp_path / "run" / "final")
+    assert (lv.config.text.num_hidden_layers, lv.config.text.cross_attention_layers) == (3, (1,))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: cannot read it as a config.json"):
+        T.train(c.replace(preset=str(tmp_path / "bad.json")), log=quiet)
+
+
 def test_recipe_and_overrides(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: base\nmode: lora\nlora_rank: 4\nlr: 1.0e-4\n")
     c = load_recipe(recipe, ["lora_rank=16", "lora_parts=[cross_attention]"], lr=2e-4, output=None)
     assert (c.lora_rank, c.lora_parts, c.lr, c.mode) == (16, ("cross_attention",), 2e-4, "lora")
+    # YAML 1.1 reads 3e-4 (no dot) as a string; numbers written so are still numbers
+    assert load_recipe(recipe, ["lr=3e-4", "lora_alpha=1e1"]).lr == 3e-4
+    with pytest.raises(ValueError, match="lr: expected a number > 0, got 'fast'"):
+        load_recipe(recipe, ["lr=fast"])
     with pytest.raises(ValueError, match=r"unknown keys \['lora_rnak'\]"):
         load_recipe(recipe, ["lora_rnak=3"])
     with pytest.raises(ValueError, match="batch_size: expected an integer of at least 1, got 0"):

@@ -25,7 +25,7 @@ REPORT_TO = ("tensorboard", "none")
 class TrainConfig:
     # what to train
     model: str | None = None  # checkpoint directory; or `preset` + `tokenizer` to train from scratch
-    preset: str | None = None
+    preset: str | None = None  # a preset's name, or a config.json path
     tokenizer: str | None = None
     mode: str = "lora"
     train_vision: bool = False  # adapters mode: also train the vision encoder
@@ -127,7 +127,8 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        floats = {f.name for f in dataclasses.fields(cls) if "float" in str(f.type)}
+        return cls(**{k: _float(v) if k in floats else v for k, v in values.items()})
 
     @property
     def tensorboard_dir(self) -> Path | None:
@@ -143,6 +144,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _float(value: Any) -> Any:
+    """YAML 1.1 reads `3e-4` (no dot) as a string; take it as the number it is meant to be."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), **flags: Any) -> TrainConfig:

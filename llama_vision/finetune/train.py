@@ -95,9 +95,20 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[LlamaVisionM
         Tokenizer.from_dir(tokenizer_path) if tokenizer_path.is_dir() else Tokenizer.from_file(tokenizer_path)
     )
     with torch.device(device):
-        model = LlamaVisionModel(get_preset(config.preset))
+        model = LlamaVisionModel(preset_config(config.preset))
     init_weights(model, config.seed)
     return model.to(dtype or torch.float32), tokenizer
+
+
+def preset_config(preset: str) -> LlamaVisionConfig:
+    """A preset's name, or the path of a Hugging Face config.json (an architecture of one's own)."""
+    if preset.endswith(".json"):
+        path = Path(preset)
+        try:
+            return LlamaVisionConfig.from_hf(json.loads(path.read_text(encoding="utf-8")), str(path))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"preset {preset}: cannot read it as a config.json ({e})") from None
+    return get_preset(preset)
 
 
 @torch.no_grad()
