@@ -25,6 +25,7 @@ from llama_vision import LlamaVision
 from llama_vision.config import get_preset
 from llama_vision.finetune import train as T
 from llama_vision.finetune.config import TrainConfig, load_recipe
+from llama_vision.model import LlamaVisionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -369,6 +370,28 @@ def test_train_from_a_preset(data: Path, tmp_path: Path, hf_tokenizer_json: Path
     assert sorted(result.losses) == [1, 2]
     lv = LlamaVision.from_pretrained(tmp_path / "final")
     assert lv.config.text.hidden_size == 128
+
+
+def test_scratch_init_gives_vision_positions_a_grid() -> None:
+    """From scratch, the vision encoder's position tables start as sines of patch coordinates at half the
+    patches' scale: neighbours alike, far patches apart, and each tile of a grid continuing the grid."""
+    model = LlamaVisionModel(get_preset("embedded"))
+    T.init_weights(model, seed=0)
+    position = model.vision_model.gated_positional_embedding
+    local = position.embedding.detach()
+    assert float(local[0].abs().max()) == 0.0  # the class token
+    assert 0.45 < float(local[1:].pow(2).mean().sqrt()) < 0.55
+    cos = torch.nn.functional.cosine_similarity
+    grid = 8  # 112 px tiles of 14 px patches
+    assert cos(local[1], local[2], dim=0) > 0.9 > cos(local[1], local[1 + 7], dim=0)  # along a row
+    assert cos(local[1], local[1 + grid], dim=0) > 0.9 > cos(local[1], local[grid * grid], dim=0)
+    tiles = position.tile_embedding.weight.detach().view(-1, *position.shape)  # ids, tiles, 1 + P, D
+    ratios = model.config.vision.supported_aspect_ratios
+    one_by_two = ratios.index((1, 2)) + 1
+    # patch (0, 8) of a 1 x 2 grid (tile 1's first) is patch (0, 7)'s right neighbour (tile 0's last in row 0)
+    assert cos(tiles[one_by_two, 1, 1], tiles[one_by_two, 0, 1 + 7], dim=0) > 0.9
+    assert float(tiles[0].abs().max()) == 0.0  # id 0 pads
+    torch.testing.assert_close(tiles[ratios.index((1, 1)) + 1, 0, 1:], local[1:])  # one tile: the same grid
 
 
 def test_train_from_a_config_json(data: Path, tmp_path: Path, hf_tokenizer_json: Path) -> None:

@@ -114,11 +114,11 @@ def preset_config(preset: str) -> LlamaVisionConfig:
 @torch.no_grad()
 def init_weights(model: LlamaVisionModel, seed: int, std: float = 0.02, gate: float = 0.5) -> None:
     """Initialise a model trained from scratch: normal(0, std) matrices and embeddings, zero biases,
-    norms 1, and every tanh gate at `gate`. The constructor's zero gates suit new cross-attention layers
-    in a trained text model (they pass its text through), but from scratch they stall learning: what a
-    zero gate holds back gets no gradient, so neither the vision encoder nor the cross-attention layers
-    learn until the gates creep open (after 250 steps of the embedded recipe they were still below 0.02
-    and answers were at chance)."""
+    norms 1, every tanh gate at `gate`, and the vision position tables as a grid (`sincos_2d`). The
+    constructor's zero gates suit new cross-attention layers in a trained text model (they pass its
+    text through), but from scratch they stall learning: what a zero gate holds back gets no gradient,
+    so neither the vision encoder nor the cross-attention layers learn until the gates creep open
+    (after 250 steps of the embedded recipe they were still below 0.02 and answers were at chance)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -129,9 +129,35 @@ def init_weights(model: LlamaVisionModel, seed: int, std: float = 0.02, gate: fl
         if name.rsplit(".", 1)[-1] in GATES:
             p.fill_(gate)
     vision = model.vision_model
-    for p in (vision.class_embedding, *vision.gated_positional_embedding.parameters()):
-        if p.dim() > 1 or p is vision.class_embedding:
-            p.normal_(0.0, std, generator=g)
+    vision.class_embedding.normal_(0.0, std, generator=g)
+    position = vision.gated_positional_embedding
+    side = vision.config.image_size // vision.config.patch_size  # patches along a tile's side
+    rows, cols = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)  # row-major
+    position.embedding.zero_()  # row 0: the class token
+    position.embedding[1:] = sincos_2d(rows, cols, position.embedding.shape[1])
+    tiles = position.tile_embedding.weight.view(-1, *position.shape)  # ids, tiles, 1 + patches, D
+    tiles.zero_()  # id 0 pads
+    for k, (high, wide) in enumerate(vision.config.supported_aspect_ratios, start=1):
+        for t in range(high * wide):  # the processor's tiles are row-major
+            r, c = divmod(t, wide)
+            tiles[k, t, 1:] = sincos_2d(r * side + rows, c * side + cols, tiles.shape[-1])
+
+
+def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int, scale: float = 0.5) -> torch.Tensor:
+    """(len(rows), dim): sines and cosines of patch coordinates, half the features for each axis, wave
+    lengths from 6 to 200 patches, at `scale` RMS. The vision encoder's first position embeddings when
+    it is trained from scratch: neighbours start alike, far patches apart, and a grid of tiles continues
+    one tile's grid. Random ones at the other weights' std (0.02) were some 40 times weaker than the
+    patches' own features, so the encoder began blind to where a patch lies (measured on the embedded
+    recipe after 300 steps: held-out answer loss on colours 0.70 with these against 0.94)."""
+    quarter = dim // 4
+    freq = 1.0 / 32.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    parts = []
+    for coord in (rows, cols):
+        angle = coord.to(torch.float64)[:, None] * freq
+        parts += [angle.sin(), angle.cos()]
+    table = F.pad(torch.cat(parts, dim=1), (0, dim - 4 * quarter))
+    return (table * scale * 2**0.5).float()
 
 
 def select_trainable(model: LlamaVisionModel, config: TrainConfig) -> None:
