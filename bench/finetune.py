@@ -4,6 +4,7 @@ checkpoint and the same collated batch, for LoRA and for full fine-tuning.
     python bench/finetune.py                     # bench-small, float32, CPU, batch 2
     python bench/finetune.py --batch 4 --repeats 5
     python bench/finetune.py --autocast          # both sides under bf16 autocast (CPUs with bf16 units)
+    python bench/finetune.py --answer short      # question answering: answers of a few tokens
 
 A step is forward, loss, backward, AdamW step, zero_grad. Ours: `LlamaVisionModel` with LoRA from
 `llama_vision.finetune.lora.apply_lora` and `finetune.train.token_loss`; theirs:
@@ -11,7 +12,9 @@ A step is forward, loss, backward, AdamW step, zero_grad. Ours: `LlamaVisionMode
 put LoRA (rank 8, alpha 16) on the same modules, the vision encoder's and the cross-attention layers'
 linear layers (one `target_modules` pattern fits both trees), and train the same parameters in full
 mode. The batch: rows of one 4-tile image, a question and an answer, collated by `finetune.collate`,
-labels on the answers; the checkpoint's vision feature indices are lowered by one for transformers
+labels on the answers (`--answer long`, the default: six sentences, most of a row's text tokens;
+`short`: a few words, as in visual question answering, where our loss computes the 128,256-row output
+layer on the answer tokens only and transformers on every token); the checkpoint's vision feature indices are lowered by one for transformers
 (README, "Known differences"), so both sides compute the same function.
 
 - samples/s: the batch size over the median step time of --repeats steps after one warm-up step, both
@@ -47,14 +50,17 @@ from llama_vision.tokenizer import Tokenizer  # noqa: E402
 from llama_vision.weights import load_checkpoint  # noqa: E402
 
 
-def batch_of(checkpoint: Path, size: int) -> dict[str, torch.Tensor]:
+def batch_of(checkpoint: Path, size: int, answer: str = "long") -> dict[str, torch.Tensor]:
     config = get_preset("bench-small")
     tokenizer = Tokenizer.from_dir(checkpoint)
     examples = []
     for i in range(size):
         image = random_image(448, 448, seed=i)  # 2 x 2 tiles of 224
         question = f"Picture {i}: describe the colours, the shapes and what they may show, in detail."
-        answer = " ".join(f"The region number {j} is a gradient of colour {i + j}." for j in range(6))
+        if answer == "long":
+            answer = " ".join(f"The region number {j} is a gradient of colour {i + j}." for j in range(6))
+        else:
+            answer = f"A gradient of colour {i}."
         messages = [
             {
                 "role": "user",
@@ -125,9 +131,9 @@ def prepare_checkpoint(path: Path) -> None:
     (hf / "model.safetensors").symlink_to(path / "model.safetensors")
 
 
-def memory_run(checkpoint: Path, name: str, mode: str, batch_size: int, autocast: bool) -> None:
+def memory_run(checkpoint: Path, name: str, mode: str, batch_size: int, autocast: bool, answer: str) -> None:
     """One side and mode, alone in this process: print its peak memory in MB."""
-    batch = batch_of(checkpoint, batch_size)
+    batch = batch_of(checkpoint, batch_size, answer)
     side = Side(name, mode, checkpoint, autocast)
     release_memory()
     with peak_memory(torch.device("cpu")) as peak:
@@ -142,6 +148,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint", type=Path, help="reuse (or keep) the random checkpoint here")
     parser.add_argument("--autocast", action="store_true", help="both sides under bfloat16 autocast")
+    parser.add_argument(
+        "--answer",
+        choices=("long", "short"),
+        default="long",
+        help="answers of six sentences (default) or of a few words",
+    )
     parser.add_argument("--memory-run", nargs=2, metavar=("SIDE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     tmp = None
@@ -151,14 +163,15 @@ def main() -> None:
     if not (args.checkpoint / "config.json").is_file():
         prepare_checkpoint(args.checkpoint)
     if args.memory_run:
-        memory_run(args.checkpoint, *args.memory_run, args.batch, args.autocast)
+        memory_run(args.checkpoint, *args.memory_run, args.batch, args.autocast, args.answer)
         return
 
-    batch = batch_of(args.checkpoint, args.batch)
+    batch = batch_of(args.checkpoint, args.batch, args.answer)
     tokens = int(batch["attention_mask"].sum())
+    trained = int((batch["labels"] != -100).sum())
     precision = "float32 weights, bfloat16 autocast" if args.autocast else "float32"
     print(f"bench-small, {precision}, CPU ({torch.get_num_threads()} threads), batch {args.batch} rows of "
-          f"{batch['input_ids'].shape[1]} tokens ({tokens} in all), one 4-tile image per row")  # fmt: skip
+          f"{batch['input_ids'].shape[1]} tokens ({tokens} in all, {trained} trained), one 4-tile image per row")  # fmt: skip
     rows = []
     for mode in ("lora", "full"):
         sides = {name: Side(name, mode, args.checkpoint, args.autocast) for name in ("ours", "transformers")}
@@ -174,7 +187,7 @@ def main() -> None:
         memory = {}
         for name in ("ours", "transformers"):
             command = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--batch", str(args.batch),
-                       "--memory-run", name, mode, *(["--autocast"] if args.autocast else [])]  # fmt: skip
+                       "--answer", args.answer, "--memory-run", name, mode, *(["--autocast"] if args.autocast else [])]  # fmt: skip
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             memory[name] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
         speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
