@@ -372,11 +372,13 @@ def test_train_from_a_preset(data: Path, tmp_path: Path, hf_tokenizer_json: Path
     assert lv.config.text.hidden_size == 128
 
 
-def test_scratch_init_gives_vision_positions_a_grid() -> None:
-    """From scratch, the vision encoder's position tables start as sines of patch coordinates at half the
-    patches' scale: neighbours alike, far patches apart, and each tile of a grid continuing the grid."""
+def test_scratch_init_can_give_vision_positions_a_grid() -> None:
+    """vision_positions="sincos": the vision encoder's position tables start as sines of patch coordinates
+    at half the patches' scale: neighbours alike, far patches apart, each tile continuing the grid."""
     model = LlamaVisionModel(get_preset("embedded"))
     T.init_weights(model, seed=0)
+    assert float(model.vision_model.gated_positional_embedding.embedding.std()) < 0.03  # the default: random
+    T.init_weights(model, seed=0, vision_positions="sincos")
     position = model.vision_model.gated_positional_embedding
     local = position.embedding.detach()
     assert float(local[0].abs().max()) == 0.0  # the class token
@@ -392,6 +394,8 @@ def test_scratch_init_gives_vision_positions_a_grid() -> None:
     assert cos(tiles[one_by_two, 1, 1], tiles[one_by_two, 0, 1 + 7], dim=0) > 0.9
     assert float(tiles[0].abs().max()) == 0.0  # id 0 pads
     torch.testing.assert_close(tiles[ratios.index((1, 1)) + 1, 0, 1:], local[1:])  # one tile: the same grid
+    with pytest.raises(ValueError, match="vision_positions: expected one of"):
+        TrainConfig(preset="embedded", tokenizer="t.json", mode="full", vision_positions="learned")
 
 
 def test_train_from_a_config_json(data: Path, tmp_path: Path, hf_tokenizer_json: Path) -> None:

@@ -26,6 +26,7 @@ class TrainConfig:
     # what to train
     model: str | None = None  # checkpoint directory; or `preset` + `tokenizer` to train from scratch
     preset: str | None = None  # a preset's name, or a config.json path
+    vision_positions: str = "random"  # from scratch: "random" or "sincos" initial vision position tables
     tokenizer: str | None = None
     mode: str = "lora"
     train_vision: bool = False  # adapters mode: also train the vision encoder
@@ -79,6 +80,7 @@ class TrainConfig:
         check = _Checker()
         check.choice("mode", self.mode, MODES)
         check.choice("distributed", self.distributed, ("ddp", "fsdp"))
+        check.choice("vision_positions", self.vision_positions, ("random", "sincos"))
         if self.dtype is not None:
             check.choice("dtype", self.dtype, DTYPES)
         if self.model is None and self.preset is None:
