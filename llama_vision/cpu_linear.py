@@ -9,6 +9,13 @@ the weight as blocks of 256 rows and multiplying them with one batched `bmm` rea
 bandwidth (32 to 40 GB/s measured, bench/generate.py), and is also faster up to about 64 rows. For
 long inputs (the vision tower's 1,056 rows per image) `F.linear` is at the compute peak and is kept.
 
+Sixteen-bit weights (bfloat16, float16) of one row take another route. PyTorch sends them to oneDNN,
+whose product for one row streams 15 to 23 GB/s here; with oneDNN switched off for that one call,
+PyTorch's own matrix-vector kernel (16-bit loads, float32 sums) streams 27 to 33 GB/s. Two rows and
+more stay with oneDNN: PyTorch's own kernel is slower there (measured 1 to 64 rows). The switch is
+process-wide (`torch._C._set_mkldnn_enabled`) and is set back at once, so another thread's product that
+starts in those microseconds may miss oneDNN too: the same result, slower.
+
 Weight-only int8 weights (torchao's `Int8Tensor`, one scale per output row, quantize.py) have the same
 problem worse: torchao's CPU product converts the whole int8 matrix to the input's dtype on every call
 and multiplies that copy, reading and writing 3 to 9 bytes per weight where 1 suffices. For them the
@@ -20,9 +27,9 @@ attribute: the modules stay `nn.Linear` (their type, parameters and state_dict k
 quantizers, LoRA and tensor parallelism that look for `nn.Linear` still find every layer, and
 `restore_linears` takes the path off again. It skips layers whose weight is neither a plain tensor nor
 a per-row int8 weight (int4, distributed weights keep their own product) and, at run time, falls back
-to `F.linear` for anything but CPU inputs of at most `MAX_ROWS` rows (float32 only for plain weights),
-or a weight that a later transform replaced. Results equal `F.linear` up to rounding (the sums run in
-another order).
+to `F.linear` for anything but CPU inputs of at most `MAX_ROWS` rows (float32 for the blocks, one row
+for 16-bit weights, outside `torch.compile` for those), or for a weight that a later transform
+replaced. Results equal `F.linear` up to rounding (the sums run in another order).
 """
 
 from __future__ import annotations
@@ -36,18 +43,21 @@ from torch import nn
 MAX_ROWS = 64
 BLOCKS = (256, 128, 64)  # rows per weight block, the first that divides out_features
 _PLAIN = (torch.Tensor, nn.Parameter)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def blocked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // self.in_features
     block = _block(self.out_features)
     weight = self.weight
-    if rows <= MAX_ROWS and x.device.type == "cpu" and is_int8_rows(weight):
+    if rows > MAX_ROWS or x.device.type != "cpu":
+        return F.linear(x, weight, self.bias)
+    if is_int8_rows(weight):
         return _int8_rows_forward(self, x)
+    if rows == 1 and x.dtype in _HALF and weight.dtype == x.dtype and type(weight) in _PLAIN:
+        return _native_row_forward(self, x)
     if (
-        rows > MAX_ROWS
-        or block is None
-        or x.device.type != "cpu"
+        block is None
         or x.dtype != torch.float32
         or type(weight) not in _PLAIN
         or weight.dtype != torch.float32
@@ -62,6 +72,17 @@ def blocked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if self.bias is not None:
         out = out + self.bias
     return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _native_row_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # the compiled graph picks its own kernel
+        return F.linear(x, self.weight, self.bias)
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, self.weight, self.bias)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def _int8_rows_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +114,7 @@ def use_blocked_linears(model: nn.Module) -> nn.Module:
     for layer in model.modules():
         if type(layer) is not nn.Linear:
             continue
-        if (type(layer.weight) in _PLAIN and _block(layer.out_features)) or is_int8_rows(layer.weight):
+        if type(layer.weight) in _PLAIN or is_int8_rows(layer.weight):
             layer.forward = types.MethodType(blocked_forward, layer)
     return model
 

@@ -46,6 +46,31 @@ def test_takes_the_blocked_path_only_where_it_helps(monkeypatch) -> None:
     assert calls == [1] and "forward" not in layer.__dict__
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_row_of_16_bit_weights_runs_without_onednn(dtype: torch.dtype, monkeypatch) -> None:
+    """One row of a 16-bit layer: PyTorch's own matrix-vector kernel (oneDNN off for that call only, and
+    back on after it, also when the call fails); two rows keep oneDNN. Same values as F.linear."""
+    import llama_vision.cpu_linear as C
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 100, bias=True).to(dtype)  # no block size divides 100: not the bmm path
+    x = torch.randn(3, 1, 64, dtype=dtype)
+    expected = [F.linear(x[:1], layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias)]
+    use_blocked_linears(layer)
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(C.F, "linear", lambda *a: seen.append(torch._C._get_mkldnn_enabled()) or real(*a))
+    assert torch._C._get_mkldnn_enabled()
+    got = [layer(x[:1]), layer(x)]
+    assert seen == [False, True] and torch._C._get_mkldnn_enabled()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2)
+    layer.bias = nn.Parameter(torch.zeros(7, dtype=dtype))  # a product that fails inside the switch
+    with pytest.raises(RuntimeError):
+        layer(x[:1])
+    assert seen[-1] is False and torch._C._get_mkldnn_enabled()
+
+
 def test_state_and_type_are_unchanged() -> None:
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 128, bias=False))
     before = {k: v.clone() for k, v in model.state_dict().items()}
