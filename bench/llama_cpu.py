@@ -4,7 +4,8 @@ tied 128,256-token embeddings, llama3 RoPE factor 32; 1.24 B parameters).
 
 For each precision (float32; 16-bit: bfloat16 for ours and transformers, f16 for llama.cpp, its
 16-bit CPU format; int8 and int4 weights: ours and transformers through torchao with bfloat16
-activations, against llama.cpp's q8_0 and q4_0) it reports prompt tokens/s (one 64-token prompt,
+activations, against llama.cpp's q8_0 and q4_0; w8a8: int8 weights and activations rounded to int8
+per row, torchao's dynamic int8, against q8_0, which rounds its activations to 8 bits too) it reports prompt tokens/s (one 64-token prompt,
 prefill only) and decode tokens/s at batch 1 (greedy, `--new-tokens` tokens after the first), each with
 its share of the bandwidth limit: read bandwidth (bench/generate.py's `memory_bandwidth`, measured just
 before each run) divided by the bytes a decode step reads (every weight once, counted from the loaded
@@ -137,11 +138,13 @@ def hf_quantization(quantize: str | None) -> dict[str, Any]:
     """transformers' own torchao path (`TorchAoConfig`) with the CPU configs quantize.py uses."""
     if quantize is None:
         return {}
-    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
     if quantize == "int8":
         return {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig())}
+    if quantize == "w8a8":
+        return {"quantization_config": TorchAoConfig(Int8DynamicActivationInt8WeightConfig())}
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
     return {"quantization_config": TorchAoConfig(PrototypeInt4WeightOnlyConfig(group_size=CPU_INT4_GROUP))}
@@ -235,6 +238,7 @@ PRECISIONS = {  # label: our dtype, our quantize, llama.cpp's GGUF type
     "float32": (torch.float32, None, "f32"),
     "16-bit": (torch.bfloat16, None, "f16"),
     "int8": (torch.bfloat16, "int8", "q8_0"),
+    "w8a8": (torch.bfloat16, "w8a8", "q8_0"),
     "int4": (torch.bfloat16, "int4", "q4_0"),
 }
 
@@ -306,7 +310,7 @@ def main() -> None:
         for name in results:
             same = sum(a == b for a, b in zip(ours_tokens, tokens[label, name]))
             print(f"{label}: {name} greedy tokens equal to ours: {same} of {len(ours_tokens)}")
-            if ("16-bit", name) in tokens and label in ("int8", "int4"):
+            if ("16-bit", name) in tokens and label in ("int8", "w8a8", "int4"):
                 base = tokens["16-bit", name]
                 same = sum(a == b for a, b in zip(base, tokens[label, name]))
                 print(f"{label}: {name} greedy tokens equal to its own 16-bit ones: {same} of {len(base)}")

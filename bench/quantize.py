@@ -1,16 +1,16 @@
-"""Weight-only int8/int4 (torchao, llama_vision/quantize.py) against the unquantized model, on the same
+"""int8/int4 weights and w8a8 (torchao, llama_vision/quantize.py) against the unquantized model, on the same
 random weights: agreement of next-token predictions, logit error, weight memory, decode speed.
 
 Model: preset `bench-small` (text width 512, 12 layers of which 3 cross-attention, the full vocabulary;
 ViT width 256) with the tests' random weights, or `--preset`. Per activation dtype (float32, bfloat16)
-the unquantized model is the reference; int8 and int4 quantize the text and cross-attention linears
+the unquantized model is the reference; int8, w8a8 and int4 quantize the text and cross-attention linears
 (the default targets) of a copy of it.
 - Agreement: one forward pass over a prompt of one 4-tile image and `--positions` random tokens
   (teacher forcing); the share of positions whose top-1 token equals the reference's, and the largest
   absolute logit difference next to the reference logits' own spread (standard deviation).
 - Memory: the bytes of every parameter, torchao's inner tensors (values, scales, zero points) included.
 - Decode: greedy tokens/s over `--new-tokens` steps after a 64-token text prompt, median of 2 runs after a warm-up,
-  through the engine (which keeps its blocked CPU path for the unquantized layers).
+  through the engine, on the CPU with the few-row path from_pretrained applies (cpu_linear.py).
 
     python bench/quantize.py                       # about 2 minutes on 2 cores
     python bench/quantize.py --device cuda         # int4 then uses tinygemm's packed layout (bfloat16)
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import meta_tokenizer_path, random_image, randomize_  # noqa: E402
 
 from llama_vision import GenerationConfig, LlamaVisionModel, Processor, get_preset  # noqa: E402
+from llama_vision.cpu_linear import use_blocked_linears  # noqa: E402
 from llama_vision.generation import Engine  # noqa: E402
 from llama_vision.quantize import quantize_model, tensor_bytes  # noqa: E402
 from llama_vision.tokenizer import Tokenizer  # noqa: E402
@@ -44,6 +45,8 @@ def agreement(model: LlamaVisionModel, reference: torch.Tensor, inputs: dict) ->
 
 
 def decode_speed(model: LlamaVisionModel, device: torch.device, new_tokens: int) -> float:
+    if device.type == "cpu":
+        use_blocked_linears(model)  # as from_pretrained does on the CPU
     engine = Engine(model)
     ids = torch.randint(0, 128000, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
     config = GenerationConfig(max_new_tokens=new_tokens + 1, temperature=0.0, eos_token_ids=(-5,))
@@ -96,7 +99,7 @@ def main() -> None:
         with torch.no_grad():
             reference = reference_model(**inputs)[0]
         rows = {"unquantized": reference_model}
-        for scheme in ("int8", "int4"):
+        for scheme in ("int8", "w8a8", "int4"):
             if scheme == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
                 continue  # tinygemm's int4 needs bfloat16
             rows[scheme] = quantize_model(copy.deepcopy(reference_model), scheme)

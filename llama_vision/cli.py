@@ -40,6 +40,7 @@ from llama_vision.cli_serve import add_serve_parser
 from llama_vision.encoders.image_transform import MAX_TILES_LIMIT, load_image
 from llama_vision.llama import is_text_checkpoint, read_llama_config
 from llama_vision.options import DEVICE_NAMES, DTYPE_NAMES, parse_device, parse_dtype, usable_device
+from llama_vision.quantize import SCHEMES
 from llama_vision.sampling import GenerationConfig
 from llama_vision.weights import read_config
 
@@ -105,7 +106,9 @@ def build_parser() -> Parser:
     run.add_argument("--device", type=device, default="cpu", help=f"{DEVICE_NAMES} (default: cpu)")
     run.add_argument("--dtype", type=dtype, help=f"weight dtype: {DTYPE_NAMES} (default: as stored)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    run.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (torchao)")
+    run.add_argument(
+        "--quantize", choices=SCHEMES, help="int8 or int4 weights, or w8a8 (int8 weights and activations)"
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no loading progress on stderr")
     run.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter to run on the model")
     ask.set_defaults(run=ask_command)

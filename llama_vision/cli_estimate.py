@@ -1,7 +1,7 @@
 """`llama-vision estimate`: the memory planner (memory.py) on the command line.
 
     llama-vision estimate --model llama-3.2-11b-vision-instruct --dtype bfloat16 --max-tiles 4 --images 1 \
-        --context 8192 --batch 1 [--quant int8|int4] [--tp N] [--mode lora|qlora|full|adapters]
+        --context 8192 --batch 1 [--quant int8|w8a8|int4] [--tp N] [--mode lora|qlora|full|adapters]
 
 `--model` is a preset name (config.py) or a checkpoint directory, of which only the config is read.
 Prints each part per device in GiB and which GPU sizes hold it. With `--mode` the figures are
@@ -52,7 +52,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--context", type=int, default=8192, metavar="T", help="prompt + new tokens (default 8192)"
     )
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences at once (default 1)")
-    p.add_argument("--quant", choices=("int8", "int4"), help="weight-only quantization")
+    p.add_argument("--quant", choices=("int8", "w8a8", "int4"), help="quantized weights (w8a8: as int8)")
     p.add_argument(
         "--tp",
         type=int,

@@ -22,11 +22,17 @@ and multiplies that copy, reading and writing 3 to 9 bytes per weight where 1 su
 few-row forward calls PyTorch's `torch._weight_int8pack_mm` instead, which reads the int8 matrix as it
 is and scales the sums per row: the same products, in any float dtype, the same stored weight.
 
+torchao's int8 weights with dynamic int8 activations (quantize="w8a8") are multiplied here at every row
+count on the CPU, where torchao's own product is slow (measured 45 to 190 ms for 8192 x 2048 at 1 to 512
+rows): each input row is rounded to int8 as torchao defines it, then `torch._int_mm` (int8 x int8, int32
+sums, VNNI) for a few rows, or, for long inputs where that kernel is slow, the integers as 16-bit floats
+through `F.linear` (their sums rounded to the input dtype, as torchao rounds its sums).
+
 `use_blocked_linears(model)` gives every plain `nn.Linear` below `model` this forward as an instance
 attribute: the modules stay `nn.Linear` (their type, parameters and state_dict keys are unchanged), so
 quantizers, LoRA and tensor parallelism that look for `nn.Linear` still find every layer, and
 `restore_linears` takes the path off again. It skips layers whose weight is neither a plain tensor nor
-a per-row int8 weight (int4, distributed weights keep their own product) and, at run time, falls back
+a per-row int8 weight (int4 and distributed weights keep their own product) and, at run time, falls back
 to `F.linear` for anything but CPU inputs of at most `MAX_ROWS` rows (float32 for the blocks, one row
 for 16-bit weights, outside `torch.compile` for those), or for a weight that a later transform
 replaced. Results equal `F.linear` up to rounding (the sums run in another order).
@@ -44,12 +50,15 @@ MAX_ROWS = 64
 BLOCKS = (256, 128, 64)  # rows per weight block, the first that divides out_features
 _PLAIN = (torch.Tensor, nn.Parameter)
 _HALF = (torch.bfloat16, torch.float16)
+_F32_EPS = torch.finfo(torch.float32).eps
 
 
 def blocked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // self.in_features
     block = _block(self.out_features)
     weight = self.weight
+    if x.device.type == "cpu" and is_int8_dynamic(weight):  # every row count: torchao's is slower
+        return _w8a8_forward(self, x)
     if rows > MAX_ROWS or x.device.type != "cpu":
         return F.linear(x, weight, self.bias)
     if is_int8_rows(weight):
@@ -94,17 +103,52 @@ def _int8_rows_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def is_int8_rows(weight: torch.Tensor) -> bool:
-    """Whether `weight` is torchao's weight-only int8 tensor with one scale per output row (symmetric:
-    its zero points are all 0), the layout `torch._weight_int8pack_mm` multiplies."""
-    if type(weight).__name__ != "Int8Tensor" or not type(weight).__module__.startswith("torchao."):
-        return False
+def _w8a8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """torchao's dynamic int8 product, computed as it defines it: each input row scaled by its largest
+    magnitude over 127.5 (symmetric, the range -128..127), rounded to int8, multiplied by the int8
+    weight with int32 sums, and the sums scaled by both scales in float32."""
+    weight = self.weight
+    flat = x.reshape(-1, self.in_features)
+    scale = flat.abs().amax(-1, keepdim=True).float().clamp_(min=_F32_EPS) / 127.5
+    q = (flat.float() / scale).round_().clamp_(-128, 127).to(torch.int8)
+    if flat.shape[0] <= MAX_ROWS:
+        sums = torch._int_mm(q, weight.qdata.t()).float()
+    else:  # long inputs: the int8 product is slow here; integers in floats give the same sums, rounded
+        sums = F.linear(q.to(x.dtype), weight.qdata.to(x.dtype)).float()
+    out = (sums * scale * weight.scale.view(1, -1)).to(x.dtype)
+    if self.bias is not None:
+        out = out + self.bias
+    return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _torchao_int8(weight: torch.Tensor) -> bool:
     return (
-        weight.ndim == 2
-        and weight.act_quant_kwargs is None
+        type(weight).__name__ == "Int8Tensor"
+        and type(weight).__module__.startswith("torchao.")
+        and weight.ndim == 2
         and weight.act_pre_scale is None
         and list(weight.block_size) == [1, weight.shape[1]]
         and weight.qdata.is_contiguous()
+    )
+
+
+def is_int8_rows(weight: torch.Tensor) -> bool:
+    """Whether `weight` is torchao's weight-only int8 tensor with one scale per output row (symmetric:
+    its zero points are all 0), the layout `torch._weight_int8pack_mm` multiplies."""
+    return _torchao_int8(weight) and weight.act_quant_kwargs is None
+
+
+def is_int8_dynamic(weight: torch.Tensor) -> bool:
+    """Whether `weight` is torchao's int8 weight with dynamic int8 activations (quantize="w8a8"): one
+    scale per output row, and per input row, both symmetric."""
+    if not _torchao_int8(weight) or weight.act_quant_kwargs is None:
+        return False
+    kwargs = weight.act_quant_kwargs
+    return (
+        type(kwargs.granularity).__name__ == "PerRow"
+        and kwargs.mapping_type.name == "SYMMETRIC"
+        and not kwargs.reduce_range
+        and weight.act_quant_scale is None
     )
 
 
@@ -114,7 +158,7 @@ def use_blocked_linears(model: nn.Module) -> nn.Module:
     for layer in model.modules():
         if type(layer) is not nn.Linear:
             continue
-        if type(layer.weight) in _PLAIN or is_int8_rows(layer.weight):
+        if type(layer.weight) in _PLAIN or is_int8_rows(layer.weight) or is_int8_dynamic(layer.weight):
             layer.forward = types.MethodType(blocked_forward, layer)
     return model
 

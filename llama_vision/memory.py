@@ -87,10 +87,10 @@ def quantized_bytes(out_features: int, in_features: int, quant: str, device: str
     n = out_features * in_features
     if quant == "nf4":
         return n // 2 + (n // 64) * 4  # bitsandbytes' NF4 (QLoRA): packed nibbles, a float32 absmax per 64
-    if quant == "int8":
+    if quant in ("int8", "w8a8"):  # w8a8 stores the same int8 weights
         return n + 5 * out_features  # int8 values, a float32 scale and an int8 zero point per row
     if quant != "int4":
-        raise ValueError(f"quant must be int8, int4 or nf4, got {quant!r}")
+        raise ValueError(f"quant must be int8, w8a8, int4 or nf4, got {quant!r}")
     if device == "cuda":
         group = next(g for g in (128, 64, 32) if in_features % g == 0)
         return n // 2 + 4 * n // group  # packed nibbles, a bfloat16 scale and zero per group
@@ -277,8 +277,8 @@ def check_options(
     ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if quant not in (None, "int8", "int4"):
-        raise ValueError(f"quant must be int8 or int4, got {quant!r}")
+    if quant not in (None, *quantize.SCHEMES):
+        raise ValueError(f"quant must be one of {', '.join(quantize.SCHEMES)}, got {quant!r}")
     if t.num_key_value_heads % tp or v.attention_heads % tp:
         raise ValueError(
             f"tp={tp} must divide the KV heads ({t.num_key_value_heads}) and the vision heads "

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 quantization through torchao, applied while the checkpoint loads.
+"""Int8 and int4 weight quantization through torchao, applied while the checkpoint loads.
 
     model = load_checkpoint(path, dtype=torch.bfloat16, quantize="int8")
     lv = LlamaVision.from_pretrained(path, quantize="int4")          # the same, with tokenizer and engine
@@ -15,7 +15,7 @@ layers' q/k/v/o and MLPs), "vision" (the ViT's projections and MLPs), "projector
 layer, lm_head). The default is text + cross: GPTQ-style tools leave the cross-attention layers
 unquantized, we do not. Text-only Llamas (llama.py) use text + head (`TEXT_MODEL_TARGETS`): their head
 is a large share of a decode step's reads (Llama 3.2 1B: 263 M of 1.24 B weights, half the bytes of an
-int4 model if kept in bfloat16), and llama.cpp quantizes it too. The head is int8 under either scheme
+int4 model if kept in bfloat16), and llama.cpp quantizes it too. The head is int8 under int4
 (its rounding moves every logit; llama.cpp keeps it at 6 bits, q6_K, under q4_0). A tied head becomes
 its own quantized copy; the embedding table stays in the load dtype for the lookups. Always kept in the
 load dtype: embeddings, norms, gates and the patch convolution (not an `nn.Linear`).
@@ -24,6 +24,12 @@ Schemes (torchao 0.18, checked on this CPU and for CUDA):
 - "int8": `Int8WeightOnlyConfig`, one float32 scale per output row: 1 byte a weight, any device/dtype.
   torchao's own CPU product converts the whole matrix to the input dtype on each call; the CPU few-row
   path (cpu_linear.py) multiplies these weights with `torch._weight_int8pack_mm` instead.
+- "w8a8": `Int8DynamicActivationInt8WeightConfig()`, the same int8 weights, and each input row rounded
+  to int8 too (one scale per row, symmetric) so the product is int8 by int8 with int32 sums, as
+  llama.cpp's q8_0 does (in blocks of 32 there). A second rounding, so it strays further from the
+  unquantized model than "int8" (bench/quantize.py); on the CPU it decodes faster, as
+  `torch._int_mm` streams the weights faster than `_weight_int8pack_mm` (cpu_linear.py, which runs
+  this product on the CPU: torchao's own is slower there at every row count). The head is w8a8 too.
 - "int4" on CUDA: `Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")`,
   tinygemm's packed layout, half a byte a weight plus a bfloat16 scale and zero per 128; needs bfloat16.
 - "int4" on the CPU: `PrototypeInt4WeightOnlyConfig(group_size=128)` (torchao's `Int4OpaqueTensor`,
@@ -44,7 +50,7 @@ from torch import nn
 
 from llama_vision.config import LlamaVisionConfig
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "w8a8", "int4")
 TARGETS = ("text", "cross", "vision", "projector", "head")
 DEFAULT_TARGETS = ("text", "cross")
 TEXT_MODEL_TARGETS = ("text", "head")  # text-only Llamas (llama.py), see the module docstring
@@ -90,13 +96,19 @@ def group_size(in_features: int, preferred: int) -> int:
 def torchao_config(scheme: str, weight: torch.Tensor):  # -> torchao AOBaseConfig
     """The torchao config for one weight (out, in) on its device (see the module docstring)."""
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+        )
     except ImportError:  # a RuntimeError, so the command line prints it as one line
         raise RuntimeError(
             "quantization needs torchao: pip install 'llama-vision[quant]' (or pip install torchao)"
         ) from None
     if scheme == "int8":
         return Int8WeightOnlyConfig()
+    if scheme == "w8a8":
+        return Int8DynamicActivationInt8WeightConfig()
     if weight.device.type == "cuda":
         if weight.dtype != torch.bfloat16:
             raise ValueError(f"int4 on CUDA needs dtype=torch.bfloat16, got {weight.dtype}")
@@ -150,9 +162,9 @@ def quantize_model(model: nn.Module, scheme: str, targets: Iterable[str] = DEFAU
 
 
 def scheme_for(name: str, scheme: str, config: LlamaVisionConfig) -> str:
-    """The scheme for the weight `name`: the output layer's is int8 under either (its rounding moves
+    """The scheme for the weight `name`: the output layer's is int8 under int4 (its rounding moves
     every logit; llama.cpp also keeps its output layer at 6 to 8 bits under q4_0)."""
-    return "int8" if part_of(name, config) == "head" else scheme
+    return "int8" if scheme == "int4" and part_of(name, config) == "head" else scheme
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

@@ -27,6 +27,7 @@ class TrainConfig:
     model: str | None = None  # checkpoint directory; or `preset` + `tokenizer` to train from scratch
     preset: str | None = None  # a preset's name, or a config.json path
     vision_positions: str = "random"  # from scratch: "random" or "sincos" initial vision position tables
+    patch_std: float | None = None  # from scratch: the patch embedding's initial std (None: as the rest)
     tokenizer: str | None = None
     mode: str = "lora"
     train_vision: bool = False  # adapters mode: also train the vision encoder

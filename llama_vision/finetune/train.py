@@ -96,7 +96,7 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[LlamaVisionM
     )
     with torch.device(device):
         model = LlamaVisionModel(preset_config(config.preset))
-    init_weights(model, config.seed, vision_positions=config.vision_positions)
+    init_weights(model, config.seed, vision_positions=config.vision_positions, patch_std=config.patch_std)
     return model.to(dtype or torch.float32), tokenizer
 
 
@@ -113,7 +113,12 @@ def preset_config(preset: str) -> LlamaVisionConfig:
 
 @torch.no_grad()
 def init_weights(
-    model: LlamaVisionModel, seed: int, std: float = 0.02, gate: float = 0.5, vision_positions: str = "random"
+    model: LlamaVisionModel,
+    seed: int,
+    std: float = 0.02,
+    gate: float = 0.5,
+    vision_positions: str = "random",
+    patch_std: float | None = None,
 ) -> None:
     """Initialise a model trained from scratch: normal(0, std) matrices and embeddings, zero biases,
     norms 1, every tanh gate at `gate`; the vision position tables normal(0, std) too, or with
@@ -137,6 +142,8 @@ def init_weights(
     position = vision.gated_positional_embedding
     for p in (vision.class_embedding, position.embedding, position.tile_embedding.weight):
         p.normal_(0.0, std, generator=g)
+    if patch_std is not None:  # after the loop above, so the other weights keep their draws
+        vision.patch_embedding.weight.normal_(0.0, patch_std, generator=g)
     if vision_positions == "sincos":
         grid_positions(vision)
     elif vision_positions != "random":
