@@ -510,3 +510,19 @@ def test_group_by_length_batches_similar_lengths(checkpoint: Path, tmp_path: Pat
     assert plain.order(0) != orders[0] and sorted(plain.order(0)) == list(range(42))
     trainer.prepare()
     assert sorted(trainer.run().losses) == [1, 2]
+
+
+def test_scratch_init_patch_std_changes_only_the_patch_embedding() -> None:
+    """patch_std: the patch embedding starts at its own std; every other weight keeps the default draw
+    (so the default recipe still reproduces the shipped model), and patch_std=None is the default."""
+    default, wider = LlamaVisionModel(get_preset("embedded")), LlamaVisionModel(get_preset("embedded"))
+    T.init_weights(default, seed=0)
+    T.init_weights(wider, seed=0, patch_std=0.1)
+    other = {k: v for k, v in default.state_dict().items() if "patch_embedding" not in k}
+    assert all(torch.equal(wider.state_dict()[k], v) for k, v in other.items())
+    assert float(default.vision_model.patch_embedding.weight.std()) < 0.03
+    assert 0.09 < float(wider.vision_model.patch_embedding.weight.std()) < 0.11
+    values = {"preset": "embedded", "tokenizer": "t.json", "mode": "full", "patch_std": "1e-1"}
+    assert TrainConfig.from_dict(values).patch_std == 0.1  # YAML 1.1 reads 1e-1 as a string
+    with pytest.raises(ValueError, match="patch_std: expected a number > 0"):
+        TrainConfig.from_dict({**values, "patch_std": 0})

@@ -82,6 +82,10 @@ class TrainConfig:
         check.choice("mode", self.mode, MODES)
         check.choice("distributed", self.distributed, ("ddp", "fsdp"))
         check.choice("vision_positions", self.vision_positions, ("random", "sincos"))
+        if self.patch_std is not None and not (
+            isinstance(self.patch_std, (int, float)) and self.patch_std > 0
+        ):
+            check.fail("patch_std", f"expected a number > 0 (or null), got {self.patch_std!r}")
         if self.dtype is not None:
             check.choice("dtype", self.dtype, DTYPES)
         if self.model is None and self.preset is None:
