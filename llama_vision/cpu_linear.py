@@ -11,7 +11,7 @@ long inputs (the vision tower's 1,056 rows per image) `F.linear` is at the compu
 
 Sixteen-bit weights (bfloat16, float16) of one row take another route. PyTorch sends them to oneDNN,
 whose product for one row streams 15 to 23 GB/s here; with oneDNN switched off for that one call,
-PyTorch's own matrix-vector kernel (16-bit loads, float32 sums) streams 27 to 33 GB/s. Two rows and
+PyTorch's own matrix-vector kernel (16-bit loads, float32 sums) streams 27 to 49 GB/s. Two rows and
 more stay with oneDNN: PyTorch's own kernel is slower there (measured 1 to 64 rows). The switch is
 process-wide (`torch._C._set_mkldnn_enabled`) and is set back at once, so another thread's product that
 starts in those microseconds may miss oneDNN too: the same result, slower.
