@@ -5,8 +5,8 @@ tied 128,256-token embeddings, llama3 RoPE factor 32; 1.24 B parameters).
 For each precision (float32; 16-bit: bfloat16 for ours and transformers, f16 for llama.cpp, its
 16-bit CPU format; int8 and int4 weights: ours and transformers through torchao with bfloat16
 activations, against llama.cpp's q8_0 and q4_0; w8a8: int8 weights and activations rounded to int8
-per row, torchao's dynamic int8, against q8_0, which rounds its activations to 8 bits too) it reports prompt tokens/s (one 64-token prompt,
-prefill only) and decode tokens/s at batch 1 (greedy, `--new-tokens` tokens after the first), each with
+per row, torchao's dynamic int8, against q8_0, which rounds its activations to 8 bits too) it reports
+prompt tokens/s (one 64-token prompt, prefill only) and decode tokens/s at batch 1 (greedy, `--new-tokens` tokens after the first), each with
 its share of the bandwidth limit: read bandwidth (bench/generate.py's `memory_bandwidth`, measured just
 before each run) divided by the bytes a decode step reads (every weight once, counted from the loaded
 model or, for llama.cpp, the GGUF file; a tied table once, as the output layer; an untied embedding
@@ -310,7 +310,7 @@ def main() -> None:
         for name in results:
             same = sum(a == b for a, b in zip(ours_tokens, tokens[label, name]))
             print(f"{label}: {name} greedy tokens equal to ours: {same} of {len(ours_tokens)}")
-            if ("16-bit", name) in tokens and label in ("int8", "w8a8", "int4"):
+            if ("16-bit", name) in tokens and quantize is not None:
                 base = tokens["16-bit", name]
                 same = sum(a == b for a, b in zip(base, tokens[label, name]))
                 print(f"{label}: {name} greedy tokens equal to its own 16-bit ones: {same} of {len(base)}")

@@ -85,12 +85,13 @@ class LlamaVision:
         `device` "cpu", "cuda", "cuda:1", "mps" or a torch device; `dtype` a torch dtype or a name
         ("bfloat16", "bf16", "float16", "float32"), None keeps the stored dtype; `compile` compiles the
         decode step with torch.compile (each new batch and length bucket compiles once, the first answers
-        take longer); `quantize` "int8" or "int4" quantizes the text and cross-attention weights (a
-        text-only Llama's decoder layers and output layer) while loading (torchao, quantize.py);
+        take longer); `quantize` "int8", "w8a8" or "int4" quantizes the text and cross-attention weights
+        (a text-only Llama's decoder layers and output layer) while loading (torchao, quantize.py);
         `adapter` runs a PEFT LoRA adapter directory on the model without merging it
         (llama_vision.finetune.lora). On the CPU the linear layers get the few-row path (cpu_linear.py:
-        blocked products for plain weights, `torch._weight_int8pack_mm` for int8 ones; int4 keeps
-        torchao's). Other keywords are engine options (see the class)."""
+        blocked products for float32 weights, PyTorch's own kernel for one row of 16-bit ones,
+        `torch._weight_int8pack_mm` for int8, `torch._int_mm` for w8a8; int4 keeps torchao's). Other
+        keywords are engine options (see the class)."""
         path = model_dir(path)
         device, dtype = usable_device(device), parse_dtype(dtype)
         if is_text_checkpoint(path):  # Llama 1 to 3.3 text models: the same decoder without adapters

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llama_vision import quantize
 from llama_vision.config import PRESETS, LlamaVisionConfig
 from llama_vision.memory import GPU_SIZES_GB, RUNTIME_RESERVE, GiB, estimate
 
@@ -52,7 +53,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--context", type=int, default=8192, metavar="T", help="prompt + new tokens (default 8192)"
     )
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences at once (default 1)")
-    p.add_argument("--quant", choices=("int8", "w8a8", "int4"), help="quantized weights (w8a8: as int8)")
+    p.add_argument("--quant", choices=quantize.SCHEMES, help="quantized weights (w8a8: as int8)")
     p.add_argument(
         "--tp",
         type=int,

@@ -129,6 +129,8 @@ def init_weights(
     gradient, so neither the vision encoder nor the cross-attention layers learn until the gates creep
     open (after 250 steps of the embedded recipe they were still below 0.02 and answers were at
     chance)."""
+    if vision_positions not in ("random", "sincos"):
+        raise ValueError(f"vision_positions must be 'random' or 'sincos', got {vision_positions!r}")
     g = torch.Generator(device=model.device).manual_seed(seed)
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -146,8 +148,6 @@ def init_weights(
         vision.patch_embedding.weight.normal_(0.0, patch_std, generator=g)
     if vision_positions == "sincos":
         grid_positions(vision)
-    elif vision_positions != "random":
-        raise ValueError(f"vision_positions must be 'random' or 'sincos', got {vision_positions!r}")
 
 
 @torch.no_grad()
