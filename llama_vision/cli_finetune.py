@@ -118,7 +118,12 @@ def print_setup(trainer: Any, *, example: bool) -> None:
     from llama_vision.finetune.train import count_parameters
 
     out = sys.stdout if example else sys.stderr
-    if example:
+    if example and trainer.config.mode == "vision":
+        first = trainer.examples[0]
+        print(f"example {first.source}: {first.image}, tags {', '.join(first.tags)} "
+              f"({len(trainer.tag_labels)} labels in all)", file=out)  # fmt: skip
+        print(file=out)
+    elif example:
         encoded = trainer.collator.encode(trainer.examples[0])
         print(f"example {trainer.examples[0].source} ({len(encoded.ids)} tokens, {len(encoded.images)} images; "
               "trained spans between [[ and ]]):", file=out)  # fmt: skip

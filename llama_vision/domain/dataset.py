@@ -123,6 +123,45 @@ def conversation(split: str, seed: int, index: int) -> Conversation:
     return Conversation(picture, qas)
 
 
+def tagged_picture(split: str, seed: int, index: int, max_shapes: int = 6) -> Scene:
+    """Picture `index` of a split's pretraining set (`generate_tagged`): a scene of 1 to `max_shapes`
+    shapes. Seeded apart from the examples and conversations (`{split}/tags/...`)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    if not 1 <= max_shapes <= 6:
+        raise ValueError(f"max_shapes must be from 1 to 6, got {max_shapes}")
+    return sample_scene(random.Random(f"{split}/tags/{seed}/{index}"), min_shapes=1, max_shapes=max_shapes)
+
+
+def shape_tags(scene: Scene) -> list[str]:
+    """The kinds of shape in a scene, sorted: the tags of the vision encoder's pretraining. Kinds only:
+    with colours and colour-shape pairs among the tags too, 300 steps of the embedded recipe's first
+    stage gave an encoder whose head names a lone shape 27% of the time, against 73% with kinds only
+    (the colours, easy, took the head's attention; the language model learns colours anyway)."""
+    return sorted({s.kind for s in scene.shapes})
+
+
+def generate_tagged(
+    out_dir: str | Path, n: int, seed: int = 0, *, split: str = "train", max_shapes: int = 6
+) -> Path:
+    """Write n scenes of 1 to `max_shapes` shapes tagged with `shape_tags` as `out_dir/{split}-tags.jsonl`
+    (images in `out_dir/img/`), the records of the vision encoder's pretraining (`mode: vision`); returns
+    the path. One shape a picture is what the embedded recipe starts with: the encoder learns each kind
+    of shape on its own, which carries over to scenes (README, "Embedded model")."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    out_dir = Path(out_dir)
+    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{split}-tags.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            picture = tagged_picture(split, seed, i, max_shapes)
+            image = f"img/{split}-tags-{i:06d}.png"
+            render(picture).save(out_dir / image)
+            f.write(json.dumps({"image": image, "tags": shape_tags(picture)}) + "\n")
+    return path
+
+
 def generate_dataset(
     out_dir: str | Path,
     n: int,
@@ -169,8 +208,22 @@ def main(argv: list[str] | None = None) -> None:
         help="several questions a picture, as turns of one conversation (half text pictures); "
         "writes {split}-conversations.jsonl",
     )
+    parser.add_argument(
+        "--shape-tags",
+        metavar="MAX_SHAPES",
+        type=int,
+        help="instead, write {split}-tags.jsonl: scenes of 1 to MAX_SHAPES shapes tagged with their kinds "
+        "of shape, for the vision encoder's pretraining (mode: vision)",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.shape_tags is not None:
+            if args.conversations or args.variant:
+                raise ValueError("--shape-tags writes tagged scenes only; drop --conversations and --variant")
+            print(
+                generate_tagged(args.out_dir, args.n, args.seed, split=args.split, max_shapes=args.shape_tags)
+            )
+            return
         path = generate_dataset(
             args.out_dir, args.n, args.seed, split=args.split, variant=args.variant,
             conversations=args.conversations,

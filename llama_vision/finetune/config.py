@@ -16,7 +16,7 @@ from typing import Any
 
 from llama_vision.finetune.lora import DEFAULT_LORA_MODULES, DEFAULT_LORA_PARTS, check_parts
 
-MODES = ("adapters", "lora", "full", "qlora")
+MODES = ("adapters", "lora", "full", "qlora", "vision")  # vision: tags.py
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("tensorboard", "none")
 
@@ -31,6 +31,7 @@ class TrainConfig:
     tokenizer: str | None = None
     mode: str = "lora"
     train_vision: bool = False  # adapters mode: also train the vision encoder
+    freeze: tuple[str, ...] = ()  # full mode: parts left as they are (e.g. [vision] after mode vision)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -75,13 +76,15 @@ class TrainConfig:
     report_to: str | tuple[str, ...] = ()  # "tensorboard" (as tensorboard: true) or "none"
 
     def __post_init__(self) -> None:
-        for name in ("lora_parts", "lora_modules", "betas"):
+        for name in ("lora_parts", "lora_modules", "betas", "freeze"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         check = _Checker()
         check.choice("mode", self.mode, MODES)
         check.choice("distributed", self.distributed, ("ddp", "fsdp"))
         check.choice("vision_positions", self.vision_positions, ("random", "sincos"))
+        if self.mode == "vision" and self.group_by_length:
+            check.fail("group_by_length", "mode vision trains on pictures without text; leave it false")
         if self.patch_std is not None and not (
             isinstance(self.patch_std, (int, float)) and self.patch_std > 0
         ):
@@ -96,8 +99,8 @@ class TrainConfig:
             check.fail(
                 "tokenizer", "training from a preset needs a tokenizer (tokenizer.json or tokenizer.model)"
             )
-        if self.preset is not None and self.mode not in ("full",):
-            check.fail("mode", f"a model trained from scratch needs mode=full, got {self.mode!r}")
+        if self.preset is not None and self.mode not in ("full", "vision"):
+            check.fail("mode", f"a model trained from scratch needs mode=full (or vision), got {self.mode!r}")
         for name in ("epochs", "batch_size", "grad_accum", "lora_rank", "log_every", "eval_max_new_tokens",
                      "eval_batch_size"):  # fmt: skip
             check.positive_int(name, getattr(self, name))
@@ -117,6 +120,11 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             check.fail("betas", f"need two numbers in [0, 1), got {list(self.betas)}")
         check_parts(self.lora_parts, "lora_parts")
+        check_parts(self.freeze, "freeze")
+        if self.freeze and self.mode != "full":
+            check.fail(
+                "freeze", f"is for mode full (the other modes choose their parts), got mode {self.mode!r}"
+            )
         object.__setattr__(
             self, "report_to", (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
         )

@@ -29,15 +29,16 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from llama_vision.chat import validate_messages
 
+T = TypeVar("T")
 SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                "system": "system"}  # fmt: skip
@@ -72,21 +73,31 @@ def load_examples(path: str | Path, *, skip_bad: bool = False) -> list[Example]:
         rows = _dataset_rows(path)
     else:
         rows = _jsonl_rows(path)
-    examples, bad = [], []
+    return checked_records(
+        rows, lambda row, base, source: Example(parse_record(row, base), source), path, skip_bad
+    )
+
+
+def checked_records(
+    rows: list[tuple[str, Any, Path]], parse: Callable[[Any, Path, str], T], path: Path, skip_bad: bool
+) -> list[T]:
+    """`parse(row, base, source)` of every row; a ValueError stops with the row's source, or with
+    `skip_bad` drops the row and is counted on stderr (with the first few reasons)."""
+    records, bad = [], []
     for source, row, base in rows:
         try:
-            examples.append(Example(parse_record(row, base), source))
+            records.append(parse(row, base, source))
         except ValueError as e:
             if not skip_bad:
                 raise ValueError(f"{source}: {e}") from None
             bad.append(f"{source}: {e}")
     if bad:
-        print(f"skipped {len(bad)} bad records of {len(bad) + len(examples)} in {path}", file=sys.stderr)
+        print(f"skipped {len(bad)} bad records of {len(bad) + len(records)} in {path}", file=sys.stderr)
         for reason in bad[:5]:
             print(f"  {reason}", file=sys.stderr)
-    if not examples:
+    if not records:
         raise ValueError(f"{path}: no usable examples")
-    return examples
+    return records
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, Any, Path]]:

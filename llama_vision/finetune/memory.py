@@ -164,6 +164,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan for `model_config` trained as `config` says (mode, LoRA, checkpointing, batch_size,
     max_length, max_tiles unless given here); weights in `dtype` (trained parameters in float32)."""
+    from llama_vision.finetune.tags import pooled
     from llama_vision.finetune.train import checkpoint_layers, token_loss
 
     batch = batch or config.batch_size
@@ -184,7 +185,10 @@ def plan_memory(
             with torch.device("meta"):
                 inputs = _worst_case_batch(model_config, batch, seq_len, images, tiles)
             with autocast:
-                loss, _, _ = token_loss(model, inputs)
+                if config.mode == "vision":  # the pooled tokens; the tag head's few kilobytes left out
+                    loss = pooled(model, inputs).float().square().mean()
+                else:
+                    loss, _, _ = token_loss(model, inputs)
             loss.backward()
             del loss, inputs
             optimizer.step()
@@ -310,8 +314,17 @@ def plan_for(trainer: Any) -> MemoryPlan:
     ) else torch.float32  # fmt: skip
     if c.mode == "qlora":
         dtype = torch.bfloat16
-    images = max((sum(1 for m in e.messages for i in _items(m) if i["type"] == "image")
-                  for e in trainer.examples[:1000]), default=0)  # fmt: skip
+    images = (
+        1
+        if c.mode == "vision"
+        else max(
+            (
+                sum(1 for m in e.messages for i in _items(m) if i["type"] == "image")
+                for e in trainer.examples[:1000]
+            ),
+            default=0,
+        )
+    )
     return plan_memory(trainer.model_config, c, images=images, dtype=dtype, world=trainer.d.world)
 
 

@@ -17,12 +17,14 @@ TAGS = {
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "token_accuracy": "train/token_accuracy",
+    "tags_exact": "train/tags_exact",
     "tokens_per_s": "train/tokens_per_s",
     "samples_per_s": "train/samples_per_s",
     "peak_memory_mb": "train/peak_memory_mb",
     "eval_loss": "eval/loss",
     "eval_token_accuracy": "eval/token_accuracy",
     "eval_exact_match": "eval/exact_match",
+    "eval_tags_exact": "eval/tags_exact",
 }
 
 

@@ -6,7 +6,10 @@ Modes (what has requires_grad; everything else is frozen):
 - `lora`: LoRA layers from peft (lora.py), by default on the vision encoder and the cross-attention
   layers (torchtune's recipe);
 - `qlora`: the same on a base whose frozen linear layers are 4-bit NF4 (bitsandbytes `Linear4bit`);
-- `full`: every parameter; with `preset` + `tokenizer` instead of `model`, a new model from scratch.
+- `full`: every parameter but the parts named in `freeze`; with `preset` + `tokenizer` instead of
+  `model`, a new model from scratch;
+- `vision`: the vision encoder and the projector, as an image tagger with a head of its own (tags.py),
+  the first stage of a model trained from scratch.
 
 Transforms are applied to the built model from outside, in an order where none hides a layer from the
 next: quantization, LoRA, activation checkpointing (torch's composable `checkpoint` on every text and
@@ -54,6 +57,15 @@ from llama_vision.finetune.data import load_examples, text_length
 from llama_vision.finetune.evaluate import exact_match, held_out_loss
 from llama_vision.finetune.lora import apply_lora, has_lora, read_adapter, save_adapter
 from llama_vision.finetune.report import TensorBoard, summary_writer_class
+from llama_vision.finetune.tags import (
+    TagCollator,
+    TagLoss,
+    load_head,
+    load_tagged,
+    new_head,
+    save_head,
+    tag_vocabulary,
+)
 from llama_vision.memory import PART_NAMES, PARTS, part_of
 from llama_vision.model import LlamaVisionModel
 from llama_vision.processor import Processor
@@ -200,9 +212,14 @@ def select_trainable(model: LlamaVisionModel, config: TrainConfig) -> None:
             modules=config.lora_modules,
         )
         return
-    trained = {"full": set(PARTS), "adapters": {"cross_attention", "projector"}}[config.mode]
+    trained = {
+        "full": set(PARTS),
+        "adapters": {"cross_attention", "projector"},
+        "vision": {"vision", "projector"},  # tags.py: the vision encoder learns alone first
+    }[config.mode]
     if config.mode == "adapters" and config.train_vision:
         trained.add("vision")
+    trained -= set(config.freeze)
     for name, p in model.named_parameters():
         p.requires_grad_(part_of(name, model.config) in trained)
 
@@ -408,17 +425,26 @@ class Trainer:
 
         if config.tensorboard_dir is not None:
             summary_writer_class()  # a missing package is said before the model loads
-        self.examples = load_examples(config.data, skip_bad=config.skip_bad)
-        self.eval_examples = (
-            load_examples(config.eval_data, skip_bad=config.skip_bad) if config.eval_data else []
+        self.tagging = config.mode == "vision"
+        load = load_tagged if self.tagging else load_examples
+        self.examples: list[Any] = load(config.data, skip_bad=config.skip_bad)
+        self.eval_examples: list[Any] = (
+            load(config.eval_data, skip_bad=config.skip_bad) if config.eval_data else []
         )
         # QLoRA: load on the CPU and quantize layer by layer onto the device, which never holds the bf16 base
         cpu = torch.device("cpu")
         self.model, self.tokenizer = build_model(config, cpu if config.mode == "qlora" else self.device)
         self.model_config: LlamaVisionConfig = self.model.config
-        self.collator = Collator(
+        self.collator: Any = Collator(
             self.tokenizer, self.model_config, max_length=config.max_length, max_num_tiles=config.max_tiles
         )
+        self.head: nn.Linear | None = None
+        if self.tagging:
+            if self.d.world > 1 and config.distributed == "fsdp":
+                raise ValueError("mode vision: distributed fsdp is not supported; use ddp (the default)")
+            self.tag_labels = tag_vocabulary(self.examples)
+            self.collator = TagCollator(self.model_config, self.tag_labels, max_num_tiles=config.max_tiles)
+            self.head = new_head(self.model_config, len(self.tag_labels), config.seed).to(self.device)
         if config.mode == "qlora":
             quantize_frozen(self.model, config, self.device)
             self.model.to(self.device)
@@ -469,13 +495,17 @@ class Trainer:
             # term goes inside FSDP's own pre/post-forward, where the root group is gathered
             self.model.hidden_states = gathered_hidden_states
             register_fsdp_forward_method(self.model, "hidden_states")
-        self.runner: nn.Module = LossModule(self.model)
+        self.runner: nn.Module = (
+            TagLoss(self.model, self.head) if self.head is not None else LossModule(self.model)
+        )
         if self.d.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = nn.parallel.DistributedDataParallel(
                 self.runner, device_ids=ids, find_unused_parameters=True
             )  # text-only batches leave the vision tower and the adapters without gradients
         self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.head is not None:
+            self.named_trainable += [(f"tag_head.{n}", p) for n, p in self.head.named_parameters()]
         c = self.config
         decay = [p for n, p in self.named_trainable if p.dim() >= 2]
         no_decay = [p for n, p in self.named_trainable if p.dim() < 2]  # norms, biases, gates
@@ -612,9 +642,14 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         batches = self.micro_batches(step)
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        if self.tagging:  # the loss is a mean over pictures; "tokens" are their image tokens
+            local_tokens = sum(len(b["tags"]) for b in batches)
+            patches = self.model_config.vision.num_patches
+            input_tokens = sum(int(b["aspect_ratio_mask"].sum()) * patches for b in batches)
+        else:
+            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         (total_tokens,) = self.d.sum(local_tokens)
-        input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         lr = learning_rate(self.config, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -645,7 +680,7 @@ class Trainer:
             "step": step + 1,
             "epoch": step // self.steps_per_epoch,
             "loss": loss,
-            "token_accuracy": correct / max(total_tokens, 1),
+            "tags_exact" if self.tagging else "token_accuracy": correct / max(total_tokens, 1),
             "grad_norm": norm,
             "lr": lr,
             "tokens": int(total_tokens),
@@ -676,8 +711,10 @@ class Trainer:
                 return self.runner(batch)
 
         record: dict[str, Any] = {"step": self.step}
-        record["eval_loss"], record["eval_token_accuracy"] = held_out_loss(loss_fn, batches)
-        if self.d.main and not self.fsdp:  # generation calls the model's parts, which FSDP does not gather
+        accuracy = "eval_tags_exact" if self.tagging else "eval_token_accuracy"
+        record["eval_loss"], record[accuracy] = held_out_loss(loss_fn, batches)
+        # generation calls the model's parts, which FSDP does not gather; a tagging run has nothing to generate
+        if self.d.main and not self.fsdp and not self.tagging:
             lv = LlamaVision(model=self.model, processor=Processor(self.tokenizer, self.model_config))
             with self.autocast:
                 em = exact_match(lv, self.eval_examples, batch_size=c.eval_batch_size,
@@ -753,6 +790,8 @@ class Trainer:
             return
         save_checkpoint(_StateView(self.model, state), directory)
         self.copy_tokenizer(directory)
+        if self.head is not None:
+            save_head(self.head, self.tag_labels, directory)
 
     def copy_tokenizer(self, directory: Path) -> None:
         """The tokenizer files (and generation settings) next to a full checkpoint, so from_pretrained and
@@ -781,6 +820,8 @@ class Trainer:
         else:
             state = read_checkpoint_tensors(path)
         self.load_model_state(state)
+        if self.head is not None:
+            load_head(self.head, self.tag_labels, path)
         self.load_optimizer_state(ckpt.load_optimizer(path / ckpt.STATE_DIR))
         ckpt.set_rng_state(ckpt.load_rng(path / ckpt.STATE_DIR, self.d.rank))
         self.step = saved["step"]
