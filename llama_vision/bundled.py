@@ -2,8 +2,8 @@
 
 The embedded model (llama_vision/embedded/) is the default of `LlamaVision.from_pretrained()`,
 `llama-vision ask`, `serve` and `demo`: a 5.6M-parameter Llama 3.2 Vision trained from scratch by
-`llama-vision finetune --config recipes/embedded.yaml` on pictures of coloured shapes and printed
-words. `model_dir` turns a `--model` value (None, "embedded" or a directory) into a directory.
+`llama-vision finetune` on pictures of coloured shapes and printed words, in two stages
+(`recipes/embedded-vision.yaml`, then `recipes/embedded.yaml`). `model_dir` turns a `--model` value (None, "embedded" or a directory) into a directory.
 
 Example pictures by short name: `llama-vision ask --image shapes ...`, the demo's examples, the README.
 

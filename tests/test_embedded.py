@@ -78,12 +78,16 @@ def test_preset_builds_fits_and_runs_a_domain_example(tokenizer: Tokenizer) -> N
     assert torch.isfinite(logits).all()
 
 
-def test_recipe_trains_the_preset_with_its_tokenizer() -> None:
+def test_recipe_trains_the_preset_with_its_tokenizer_in_two_stages() -> None:
+    """Stage 1 pretrains the vision encoder of a new model (mode vision); stage 2 trains the rest from it."""
     yaml = pytest.importorskip("yaml")
-    recipe = yaml.safe_load((ROOT / "recipes" / "embedded.yaml").read_text())
-    assert recipe["preset"] == "embedded" and recipe["mode"] == "full" and "model" not in recipe
-    assert Tokenizer.from_file(ROOT / recipe["tokenizer"]).image_id == CONFIG.image_token_id
-    assert recipe["max_tiles"] == CONFIG.vision.max_num_tiles
+    first = yaml.safe_load((ROOT / "recipes" / "embedded-vision.yaml").read_text())
+    assert first["preset"] == "embedded" and first["mode"] == "vision" and "model" not in first
+    assert Tokenizer.from_file(ROOT / first["tokenizer"]).image_id == CONFIG.image_token_id
+    second = yaml.safe_load((ROOT / "recipes" / "embedded.yaml").read_text())
+    assert second["model"] == first["output"] + "/final" and second["mode"] == "full"
+    assert second["freeze"] == ["vision"] and "preset" not in second
+    assert first["max_tiles"] == second["max_tiles"] == CONFIG.vision.max_num_tiles
 
 
 def test_from_scratch_opens_every_gate() -> None:
