@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-MODES = ("adapters", "lora", "full", "qlora")
+MODES = ("adapters", "lora", "full", "qlora", "vision")
 
 
 def add_commands(commands: Any) -> None:
