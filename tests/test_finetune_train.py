@@ -433,7 +433,13 @@ def test_recipe_and_overrides(tmp_path: Path) -> None:
     assert len(recipes) == 8  # the six of the issue and the embedded model's two stages
     for name in recipes:  # every recipe is valid once given a model (or, from scratch, as it is)
         scratch = "preset:" in name.read_text()
-        assert load_recipe(name, [] if scratch else ["model=x"]).mode in ("adapters", "lora", "qlora", "full", "vision")
+        assert load_recipe(name, [] if scratch else ["model=x"]).mode in (
+            "adapters",
+            "lora",
+            "qlora",
+            "full",
+            "vision",
+        )
 
 
 def test_tensorboard_events_equal_the_log(checkpoint: Path, data: Path, tmp_path: Path) -> None:

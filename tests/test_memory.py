@@ -120,7 +120,10 @@ def test_bad_options_are_named() -> None:
         estimate(config, tp=3)
     from llama_vision.finetune.memory import training_estimate
 
-    with pytest.raises(ValueError, match=r"mode: expected one of \['adapters', 'lora', 'full', 'qlora', 'vision'\], got 'dora'"):
+    with pytest.raises(
+        ValueError,
+        match=r"mode: expected one of \['adapters', 'lora', 'full', 'qlora', 'vision'\], got 'dora'",
+    ):
         training_estimate(config, "dora")
     with pytest.raises(ValueError, match="context must be an integer >= 1"):
         estimate(config, context=0)

@@ -73,6 +73,37 @@ def encode_messages(
     return Encoded(ids, labels, images, truncated)
 
 
+def checked_max_tiles(config: LlamaVisionConfig, max_num_tiles: int | None) -> int:
+    """The tiles per image to cut to: the model's maximum when None, else checked against it."""
+    limit = config.vision.max_num_tiles
+    max_num_tiles = limit if max_num_tiles is None else max_num_tiles
+    if not isinstance(max_num_tiles, int) or not 1 <= max_num_tiles <= limit:
+        raise ValueError(f"max_num_tiles must be an integer from 1 to {limit}, got {max_num_tiles!r}")
+    return max_num_tiles
+
+
+def tiled_images(
+    rows: Sequence[Sequence[Any]], sources: Sequence[str], config: LlamaVisionConfig, max_num_tiles: int
+) -> dict[str, Any]:
+    """Each row's images loaded, cut into at most `max_num_tiles` tiles and packed (`pack_images`); an
+    image that fails is reported with its row's source ("file:line")."""
+    v = config.vision
+    tiled = []
+    for images, source in zip(rows, sources):
+        try:
+            tiled.append(
+                [
+                    transform_image(load_image(im), tile_size=v.image_size, max_num_tiles=max_num_tiles)
+                    for im in images
+                ]
+            )
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    return pack_images(
+        tiled, max_num_tiles=v.max_num_tiles, tile_size=v.image_size, aspect_ratios=v.supported_aspect_ratios
+    )
+
+
 class Collator:
     """`collator(examples)` -> model inputs plus `labels` (B, T), right-padded."""
 
@@ -84,10 +115,7 @@ class Collator:
         max_length: int = 2048,
         max_num_tiles: int | None = None,
     ) -> None:
-        limit = config.vision.max_num_tiles
-        max_num_tiles = limit if max_num_tiles is None else max_num_tiles
-        if not isinstance(max_num_tiles, int) or not 1 <= max_num_tiles <= limit:
-            raise ValueError(f"max_num_tiles must be an integer from 1 to {limit}, got {max_num_tiles!r}")
+        max_num_tiles = checked_max_tiles(config, max_num_tiles)
         if not isinstance(max_length, int) or max_length < 8:
             raise ValueError(f"max_length must be an integer of at least 8, got {max_length!r}")
         self.tokenizer, self.config = tokenizer, config
@@ -117,24 +145,8 @@ class Collator:
 
     def _images(self, rows: list[Encoded], examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         v = self.config.vision
-        tiled = []
-        for row, example in zip(rows, examples):
-            try:
-                tiled.append(
-                    [
-                        transform_image(
-                            load_image(im), tile_size=v.image_size, max_num_tiles=self.max_num_tiles
-                        )
-                        for im in row.images
-                    ]  # fmt: skip
-                )
-            except ValueError as e:
-                raise ValueError(f"{example.source}: {e}") from None
-        packed = pack_images(
-            tiled,
-            max_num_tiles=v.max_num_tiles,
-            tile_size=v.image_size,
-            aspect_ratios=v.supported_aspect_ratios,
+        packed = tiled_images(
+            [row.images for row in rows], [e.source for e in examples], self.config, self.max_num_tiles
         )
         mask = cross_attention_mask(
             [row.ids for row in rows], packed["num_tiles"], self.config.image_token_id, v.max_num_tiles

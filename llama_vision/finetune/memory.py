@@ -314,17 +314,10 @@ def plan_for(trainer: Any) -> MemoryPlan:
     ) else torch.float32  # fmt: skip
     if c.mode == "qlora":
         dtype = torch.bfloat16
-    images = (
-        1
-        if c.mode == "vision"
-        else max(
-            (
-                sum(1 for m in e.messages for i in _items(m) if i["type"] == "image")
-                for e in trainer.examples[:1000]
-            ),
-            default=0,
-        )
-    )
+    images = 1  # mode vision: one picture a record
+    if c.mode != "vision":
+        images = max((sum(1 for m in e.messages for i in _items(m) if i["type"] == "image")
+                      for e in trainer.examples[:1000]), default=0)  # fmt: skip
     return plan_memory(trainer.model_config, c, images=images, dtype=dtype, world=trainer.d.world)
 
 

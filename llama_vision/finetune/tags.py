@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from llama_vision.config import LlamaVisionConfig
-from llama_vision.encoders.image_transform import load_image, pack_images, transform_image
+from llama_vision.finetune.collate import checked_max_tiles, tiled_images
 from llama_vision.finetune.data import _Invalid, _jsonl_rows, _resolve_image, checked_records
 
 HEAD_DIR = "tag_head"  # a folder of its own: checkpoint loading reads every top-level *.safetensors
@@ -85,30 +85,12 @@ class TagCollator:
     def __init__(
         self, config: LlamaVisionConfig, labels: Sequence[str], *, max_num_tiles: int | None
     ) -> None:
-        limit = config.vision.max_num_tiles
-        max_num_tiles = limit if max_num_tiles is None else max_num_tiles
-        if not isinstance(max_num_tiles, int) or not 1 <= max_num_tiles <= limit:
-            raise ValueError(f"max_num_tiles must be an integer from 1 to {limit}, got {max_num_tiles!r}")
-        self.config, self.max_num_tiles = config, max_num_tiles
+        self.config, self.max_num_tiles = config, checked_max_tiles(config, max_num_tiles)
         self.index = {t: i for i, t in enumerate(labels)}
 
     def __call__(self, examples: Sequence[TaggedImage]) -> dict[str, torch.Tensor]:
-        v = self.config.vision
-        tiled = []
-        for e in examples:
-            try:
-                image = load_image(e.image)
-                tiled.append(
-                    [transform_image(image, tile_size=v.image_size, max_num_tiles=self.max_num_tiles)]
-                )
-            except ValueError as err:
-                raise ValueError(f"{e.source}: {err}") from None
-        packed = pack_images(
-            tiled,
-            max_num_tiles=v.max_num_tiles,
-            tile_size=v.image_size,
-            aspect_ratios=v.supported_aspect_ratios,
-        )
+        sources = [e.source for e in examples]
+        packed = tiled_images([[e.image] for e in examples], sources, self.config, self.max_num_tiles)
         tags = torch.zeros(len(examples), len(self.index))
         for row, e in enumerate(examples):
             for t in e.tags:
