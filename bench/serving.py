@@ -50,6 +50,7 @@ from generate import (  # noqa: E402  the generation benchmark's checkpoint, pro
 )
 
 from llama_vision import GenerationConfig, LlamaVision, get_preset, read_config  # noqa: E402
+from llama_vision.cpu_linear import pack_linears, packed_layers  # noqa: E402
 from llama_vision.model import token_positions  # noqa: E402
 from llama_vision.text import self_attention_mask  # noqa: E402
 
@@ -155,7 +156,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cpu-pack",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="from_pretrained's cpu_pack: oneDNN-packed float32 weights for batched decoding on the CPU",
+    )
     args = p.parse_args(argv)
+    cpu_pack = {"auto": None, "on": True, "off": False}[args.cpu_pack]
     torch.manual_seed(args.seed)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"machine: {machine_line(device)}")
@@ -171,11 +179,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         if args.skip_hf:  # random weights straight on the device: no checkpoint files (an 11B fits)
             built = random_model(get_preset(args.preset), device, dtype, args.seed, False)
+            if device.type == "cpu" and cpu_pack is not False:
+                pack_linears(built.model.decoder)
             lv = LlamaVision(built.model, built.processor, compile=args.compile, engine_options=options)
         else:
             write_checkpoint(get_preset(args.preset), path, args.seed)
             lv = LlamaVision.from_pretrained(
-                path, device=device, dtype=dtype, compile=args.compile, **options
+                path, device=device, dtype=dtype, compile=args.compile, cpu_pack=cpu_pack, **options
             )
         prompts = make_prompts(lv.tokenizer, max(n_max, 8), args.prompt_tokens)
         images = [random_image(300 + 7 * i, 280 + 5 * i, seed=i) for i in range(max(n_max, 8))]
@@ -186,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             hf = HF(device, dtype)
             hf.load(path)
         print(
-            f"model: {args.preset}, {args.dtype} on {device}{', decode step compiled' if args.compile else ''}; "
+            f"model: {args.preset}, {args.dtype} on {device}{', decode step compiled' if args.compile else ''}, "
+            f"{packed_layers(lv.model)} layers with packed weights; "
             f"each request: a {args.prompt_tokens}-token prompt with one image (4 tiles) or none, "
             f"{args.new_tokens} greedy new tokens"
         )

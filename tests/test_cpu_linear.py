@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_vision.cpu_linear import MAX_ROWS, restore_linears, use_blocked_linears
+from llama_vision.cpu_linear import (
+    MAX_ROWS,
+    pack_linears,
+    packed_bytes,
+    restore_linears,
+    use_blocked_linears,
+)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, MAX_ROWS])
@@ -102,3 +108,71 @@ def test_skips_weights_that_are_not_plain_tensors() -> None:
     plain.weight = nn.Parameter(plain.weight.detach().as_subclass(Wrapped))  # replaced afterwards
     x = torch.randn(1, 16)
     torch.testing.assert_close(plain(x), F.linear(x, plain.weight, plain.bias))
+
+
+def _count_packed(monkeypatch) -> list[int]:
+    import llama_vision.cpu_linear as C
+
+    calls: list[int] = []
+    real = C._packed_forward
+    monkeypatch.setattr(
+        C,
+        "_packed_forward",
+        lambda layer, x, p: calls.append(x.numel() // layer.in_features) or real(layer, x, p),
+    )
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_weights_serve_two_to_max_rows(bias: bool, monkeypatch) -> None:
+    """Packed: 2..MAX_ROWS rows go through oneDNN with the packed copy and equal F.linear; one row keeps
+    the blocked product, longer inputs F.linear; the state and type stay those of nn.Linear."""
+    torch.manual_seed(0)
+    layer = use_blocked_linears(nn.Linear(96, 384, bias=bias))
+    keys = layer.state_dict().keys()
+    assert pack_linears(layer) == 384 * 96 * 4 == packed_bytes(layer)
+    calls = _count_packed(monkeypatch)
+    with torch.no_grad():
+        for rows in (1, 2, 8, MAX_ROWS, MAX_ROWS + 1):
+            x = torch.randn(rows, 1, 96)
+            got = layer(x)
+            assert got.shape == (rows, 1, 384) and got.is_contiguous()
+            torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert calls == [2, 8, MAX_ROWS]
+    assert type(layer) is nn.Linear and layer.state_dict().keys() == keys
+
+
+def test_packed_copy_is_never_stale(monkeypatch) -> None:
+    """Autograd, a weight changed in place (an optimizer step, a LoRA merge) or replaced, a deep copy and
+    restore_linears: each falls back to a product with the weight the layer holds now."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = use_blocked_linears(nn.Linear(32, 256, bias=False))
+    pack_linears(layer)
+    calls = _count_packed(monkeypatch)
+    x = torch.randn(4, 32)
+    y = layer(x)  # gradients on: not the packed product (it has no backward)
+    assert calls == [] and y.grad_fn is not None
+    with torch.no_grad():
+        layer(x)
+        assert calls == [4]
+        layer.weight.mul_(2)  # in place: the version counter moves
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        layer.weight = nn.Parameter(torch.randn(256, 32))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        assert calls == [4]
+        twin = copy.deepcopy(layer)  # oneDNN tensors cannot be copied: the copy has none
+        torch.testing.assert_close(twin(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        pack_linears(layer)
+        restore_linears(layer)
+        assert "packed_weight" not in layer.__dict__
+        layer(x)
+    assert calls == [4]
+
+
+def test_packing_skips_what_it_cannot_serve() -> None:
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 128).to(torch.bfloat16), nn.Linear(128, 8))
+    use_blocked_linears(model[:2])  # the last layer has no few-row path
+    assert packed_bytes(model) == pack_linears(model) == 64 * 16 * 4
+    assert [("packed_weight" in m.__dict__) for m in model] == [True, False, False]
