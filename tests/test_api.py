@@ -48,3 +48,22 @@ def test_missing_tokenizer_fails_before_loading(checkpoint: Path, tmp_path: Path
     (path / "model.safetensors").unlink()  # would fail later; the tokenizer error must come first
     with pytest.raises(ValueError, match="no tokenizer in"):
         LlamaVision.from_pretrained(path)
+
+
+def test_cpu_pack_choice(checkpoint: Path) -> None:
+    """cpu_pack: by default the decoder is packed when the engine batches, not for max_batch=1; True and
+    False decide; packed and plain give the same greedy answers from several threads at once."""
+    from llama_vision.cpu_linear import packed_layers
+
+    default = LlamaVision.from_pretrained(checkpoint)
+    assert packed_layers(default.model.decoder) > 0 and packed_layers(default.model.vision_model) == 0
+    assert packed_layers(LlamaVision.from_pretrained(checkpoint, max_batch=1).model) == 0
+    assert packed_layers(LlamaVision.from_pretrained(checkpoint, max_batch=1, cpu_pack=True).model) > 0
+    plain = LlamaVision.from_pretrained(checkpoint, cpu_pack=False)
+    assert packed_layers(plain.model) == 0
+    with pytest.raises(ValueError, match="cpu_pack must be True, False or None"):
+        LlamaVision.from_pretrained(checkpoint, cpu_pack="yes")
+    conversations = [[{"role": "user", "content": f"Say {i} things."}] for i in range(4)]
+    assert default.generate(conversations, max_new_tokens=6) == plain.generate(
+        conversations, max_new_tokens=6
+    )
