@@ -52,13 +52,14 @@ def test_missing_tokenizer_fails_before_loading(checkpoint: Path, tmp_path: Path
 
 def test_cpu_pack_choice(checkpoint: Path) -> None:
     """cpu_pack: by default the decoder is packed when the engine batches, not for max_batch=1; True and
-    False decide; packed and plain give the same greedy answers from several threads at once."""
+    False decide; packed and plain give the same greedy answers from several requests at once."""
+    from llama_vision.api import _pack_wanted
     from llama_vision.cpu_linear import packed_layers
 
     default = LlamaVision.from_pretrained(checkpoint)
     assert packed_layers(default.model.decoder) > 0 and packed_layers(default.model.vision_model) == 0
-    assert packed_layers(LlamaVision.from_pretrained(checkpoint, max_batch=1).model) == 0
-    assert packed_layers(LlamaVision.from_pretrained(checkpoint, max_batch=1, cpu_pack=True).model) > 0
+    assert not _pack_wanted(None, default.model, 1) and _pack_wanted(None, default.model, 8)
+    assert _pack_wanted(True, default.model, 1) and not _pack_wanted(False, default.model, 8)
     plain = LlamaVision.from_pretrained(checkpoint, cpu_pack=False)
     assert packed_layers(plain.model) == 0
     with pytest.raises(ValueError, match="cpu_pack must be True, False or None"):
