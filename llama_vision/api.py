@@ -101,6 +101,8 @@ class LlamaVision:
             raise ValueError(f"cpu_pack must be True, False or None, got {cpu_pack!r}")
         path = model_dir(path)
         device, dtype = usable_device(device), parse_dtype(dtype)
+        if cpu_pack and device.type != "cpu":  # before loading: a bad option loses no time
+            raise ValueError(f"cpu_pack=True packs weights for the CPU; this model is on {device}")
         if is_text_checkpoint(path):  # Llama 1 to 3.3 text models: the same decoder without adapters
             processor = TextProcessor.from_dir(path, read_llama_config(path))
             load = partial(load_llama, quantize=quantize)
@@ -119,8 +121,6 @@ class LlamaVision:
             use_blocked_linears(model)
             if _pack_wanted(cpu_pack, model, engine_options.get("max_batch", 8)):
                 pack_linears(model.decoder)
-        elif cpu_pack:
-            raise ValueError(f"cpu_pack=True packs weights for the CPU; this model is on {model.device}")
         return cls(model, processor, generation_config, compile, engine_options)
 
     def submit(
