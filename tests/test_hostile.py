@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -532,13 +533,33 @@ def _launch(*args: str | bytes) -> subprocess.Popen:
     )
 
 
-def _wait_for_mapping(process: subprocess.Popen, needle: str) -> None:
-    """Wait until the process has mapped or opened a file whose path holds `needle` (a sign of what it is
-    doing: torch's libraries are mapped, the weights are read through an open file)."""
+def _interrupt_while(needle: str, args: list[str], attempts: int = 5) -> subprocess.Popen:
+    """Launch `llama-vision ARGS` and send it Ctrl-C once it has mapped or opened a file whose path holds
+    `needle` (a sign of what it is doing: torch's libraries are mapped, the weights are read through an
+    open file). Reading a tiny checkpoint takes milliseconds, so a busy machine can miss that moment: a
+    process that starts answering first is killed and launched again."""
+    for _ in range(attempts):
+        process = _launch(*args)
+        if _reaches(process, needle):
+            process.send_signal(signal.SIGINT)
+            return process
+        process.kill()
+        process.communicate()
+    pytest.fail(f"{attempts} launches never caught with {needle!r} open before answering")
+
+
+def _reaches(process: subprocess.Popen, needle: str) -> bool:
+    """Whether the process maps or opens `needle` before it exits or writes to stdout."""
     maps, fds = Path(f"/proc/{process.pid}/maps"), Path(f"/proc/{process.pid}/fd")
     with within(120):
-        while process.poll() is None and needle not in maps.read_text() and not _has_open(fds, needle):
-            time.sleep(0.01)
+        while process.poll() is None and not select.select([process.stdout], [], [], 0)[0]:
+            try:
+                if needle in maps.read_text() or _has_open(fds, needle):
+                    return True
+            except OSError:  # exited meanwhile
+                break
+            time.sleep(0.002)
+    return False
 
 
 def _has_open(fds: Path, needle: str) -> bool:
@@ -566,13 +587,11 @@ def test_cli_processes_interrupt_and_bytes(original: Path, variant: Callable[...
         "20000",
         "Tell a story.",
     ]
-    importing, loading, generating = _launch(*ask), _launch(*ask), _launch(*ask)
+    generating = _launch(*ask)
     no_weights = variant(model__safetensors=None)
     raw_bytes = _launch("ask", "--model", str(no_weights), b"caf\xe9")
-    _wait_for_mapping(importing, "/torch/")
-    importing.send_signal(signal.SIGINT)
-    _wait_for_mapping(loading, "model.safetensors")
-    loading.send_signal(signal.SIGINT)
+    importing = _interrupt_while("/torch/", ask)
+    loading = _interrupt_while("model.safetensors", ask)
     with within(120):
         assert generating.stdout.read(1)  # the answer has started
     generating.send_signal(signal.SIGINT)
