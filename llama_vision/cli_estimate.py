@@ -30,6 +30,7 @@ LABELS = {
     "activations": "activations (peak)",
     "gradients": "gradients",
     "optimizer": "optimizer state (AdamW)",
+    "packed_weights": "packed weights (CPU)",
     "total": "total",
 }
 
@@ -62,7 +63,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="devices (default 1): tensor parallel for inference, FSDP processes with --mode",
     )
     p.add_argument("--mode", choices=MODES, help="fine-tuning instead of inference")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where int4 runs (its layout)")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="where it runs (int4's layout, CPU packing)"
+    )
+    p.add_argument(
+        "--cpu-pack",
+        action=argparse.BooleanOptionalAction,
+        help="count the packed copy of the float32 decoder weights for batched CPU decoding "
+        "(default: on the CPU without --tp, as from_pretrained packs by default)",
+    )
     p.set_defaults(run=run)
 
 
@@ -87,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
         e = training_estimate(config, args.mode, dtype=DTYPES[args.dtype], world=args.tp, **shape)
     else:
         e = estimate(
-            config, dtype=DTYPES[args.dtype], quant=args.quant, tp=args.tp, device=args.device, **shape
+            config,
+            dtype=DTYPES[args.dtype],
+            quant=args.quant,
+            tp=args.tp,
+            device=args.device,
+            cpu_pack=args.cpu_pack,
+            **shape,
         )
     tiles = args.max_tiles or config.vision.max_num_tiles
     what = f"fine-tuning ({args.mode})" if args.mode else "inference"
@@ -97,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         f"context {args.context}, batch {args.batch}, per device of {args.tp}{' (FSDP)' if args.mode else ''}:"
     )
     for name, value in e.parts().items():
-        if name in ("gradients", "optimizer") and not args.mode:
+        if name in ("gradients", "optimizer") and not args.mode or name == "packed_weights" and not value:
             continue
         if name in ("kv_cache", "image_kv") and args.mode:
             continue  # no cache in training; the image keys/values are among the activations

@@ -7,14 +7,16 @@ the parts of the model (`part_of`) and `MemoryEstimate`.
 
 The parts, in bytes per device (TP = tensor-parallel degree):
 - weights: every parameter in the weight dtype; with `quant` the linear weights that quantize.py
-  quantizes take its bytes (int8: 1 byte + 5 per row; int4: CUDA 0.5 + 4 per group of 128, CPU 1 +
-  3 per group of 32 in float32, see quantize.py). Under TP the decoder's, the cross-attention layers'
+  quantizes take its bytes (int8: 1 byte + 5 per row; int4: 0.5 + a scale and a zero per group of
+  128, bfloat16 on CUDA, the load dtype on the CPU, see quantize.py). Under TP the decoder's, the cross-attention layers'
   and the vision encoder's projections and the output layer are split TP ways (parallel.py); embeddings,
   norms, gates and the projector are replicated.
 - kv_cache: self-attention keys and values for `context` tokens (prompt + new tokens): self-attention
   layers x 2 x batch x context x KV heads / TP x head width, in the activation dtype.
 - image_kv: the cross-attention keys and values held for the request: cross-attention layers x 2 x batch
   x (images x tiles x tokens per tile) x KV heads / TP x head width. Tokens per tile: 1601 at 560 px.
+- packed_weights: on the CPU, the second copy of the decoder's float32 linear weights in oneDNN's
+  layout that batched decoding multiplies (cpu_linear.pack_linears; `cpu_pack`).
 - activations: the largest transient of one forward pass, from the code's own tensors, for one request:
   the engine prefills requests together only while their prompt tokens (and, while rows decode, their
   image tokens) stay within its `prefill_tokens_per_step` (1,024 by default, well below one 4-tile
@@ -66,6 +68,7 @@ class MemoryEstimate:
     activations: int
     gradients: int = 0
     optimizer: int = 0
+    packed_weights: int = 0  # the CPU's second copy of float32 decoder weights (cpu_linear.pack_linears)
 
     @property
     def total(self) -> int:
@@ -82,8 +85,11 @@ class MemoryEstimate:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
 
 
-def quantized_bytes(out_features: int, in_features: int, quant: str, device: str = "cuda") -> int:
-    """Bytes of one quantized (out, in) weight as quantize.py stores it (measured from torchao's tensors)."""
+def quantized_bytes(
+    out_features: int, in_features: int, quant: str, device: str = "cuda", size: int = 2
+) -> int:
+    """Bytes of one quantized (out, in) weight as quantize.py stores it (measured from torchao's tensors);
+    `size` is the bytes of the load dtype, which int4's scales and zeros take on the CPU."""
     n = out_features * in_features
     if quant == "nf4":
         return n // 2 + (n // 64) * 4  # bitsandbytes' NF4 (QLoRA): packed nibbles, a float32 absmax per 64
@@ -91,10 +97,10 @@ def quantized_bytes(out_features: int, in_features: int, quant: str, device: str
         return n + 5 * out_features  # int8 values, a float32 scale and an int8 zero point per row
     if quant != "int4":
         raise ValueError(f"quant must be int8, w8a8, int4 or nf4, got {quant!r}")
-    if device == "cuda":
-        group = next(g for g in (128, 64, 32) if in_features % g == 0)
-        return n // 2 + 4 * n // group  # packed nibbles, a bfloat16 scale and zero per group
-    return n + 5 * n // 32  # one int8 per value; a float32 scale and an int8 zero point per group of 32
+    group = quantize.group_size(in_features, 128 if device == "cuda" else quantize.CPU_INT4_GROUP)
+    if device == "cuda":  # tinygemm's layout: bfloat16 scales and zeros
+        size = 2
+    return n // 2 + (n // group) * 2 * size  # packed nibbles, a scale and a zero per group
 
 
 def part_of(name: str, config: LlamaVisionConfig) -> str:
@@ -128,7 +134,7 @@ def parameter_bytes(
     for name, p in model.named_parameters():
         ways = tp if split(name) else 1
         if quant is not None and quantized(name):
-            n = quantized_bytes(p.shape[0] // ways, p.shape[1], quant, device)
+            n = quantized_bytes(p.shape[0] // ways, p.shape[1], quant, device, p.element_size())
         else:
             n = p.numel() * p.element_size() // ways
         parts[part_of(name, config)] += n
@@ -136,18 +142,14 @@ def parameter_bytes(
 
 
 def _weight_bytes(
-    config: LlamaVisionConfig, dtype: torch.dtype, quant: str | None, tp: int, device: str
+    model: nn.Module, config: LlamaVisionConfig, quant: str | None, tp: int, device: str
 ) -> int:
     """Inference weight bytes per device: quantize.py's targets quantized, parallel.py's layers split."""
-    from llama_vision.model import LlamaVisionModel
-
-    with torch.device("meta"):
-        model = LlamaVisionModel(config).to(dtype)
     return sum(
         parameter_bytes(
             model,
             quant=quant,
-            quantized=lambda name: quantize.part_of(name, config) in quantize.DEFAULT_TARGETS,
+            quantized=lambda name: _quantized(name, config),
             split=lambda name: (
                 quantize.part_of(name, config) in ("text", "cross", "vision")
                 or name == "language_model.lm_head.weight"
@@ -155,6 +157,24 @@ def _weight_bytes(
             tp=tp,
             device=device,
         ).values()
+    )
+
+
+def _quantized(name: str, config: LlamaVisionConfig) -> bool:
+    return quantize.part_of(name, config) in quantize.DEFAULT_TARGETS
+
+
+def _packed_bytes(model: nn.Module, config: LlamaVisionConfig, quant: str | None) -> int:
+    """The bytes `pack_linears(model.decoder)` adds: every float32 linear weight of the decoder (its
+    layers and the output layer) that is not quantized."""
+    linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if name in linears
+        and name.startswith("language_model.")
+        and p.dtype == torch.float32
+        and not (quant is not None and _quantized(name, config))
     )
 
 
@@ -169,18 +189,33 @@ def estimate(
     quant: str | None = None,
     tp: int = 1,
     device: str = "cuda",
+    cpu_pack: bool | None = None,
 ) -> MemoryEstimate:
-    """Bytes per device to run `config` on requests of this shape (fine-tuning: finetune/memory.py)."""
+    """Bytes per device to run `config` on requests of this shape (fine-tuning: finetune/memory.py).
+
+    `cpu_pack`: whether the decoder's float32 weights get a packed copy for batched decoding on the CPU
+    (`LlamaVision.from_pretrained(cpu_pack=...)`); None, as its default, packs on the CPU in float32
+    without tensor parallelism (from_pretrained also checks that the copies fit a quarter of the memory
+    available, which a plan made elsewhere cannot know)."""
+    from llama_vision.model import LlamaVisionModel
+
     v = config.vision
     tiles = v.max_num_tiles if max_tiles is None else max_tiles
     check_options(config, tiles, images, context, batch, quant, tp)
+    if cpu_pack and device != "cpu":
+        raise ValueError(f"cpu_pack packs weights for the CPU; the plan is for {device}")
+    if cpu_pack is None:
+        cpu_pack = device == "cpu" and tp == 1
     size = torch.finfo(dtype).bits // 8
+    with torch.device("meta"):
+        model = LlamaVisionModel(config).to(dtype)
     return MemoryEstimate(
-        weights=_weight_bytes(config, dtype, quant, tp, device),
+        weights=_weight_bytes(model, config, quant, tp, device),
         kv_cache=kv_cache_bytes(config, context, batch, size, tp),
         image_kv=image_kv_bytes(config, images, tiles, batch, size, tp),
         # a request this large is prefilled alone (the engine's per-step prefill budget)
         activations=_activation_bytes(config, tiles, images, context, 1, size, tp),
+        packed_weights=_packed_bytes(model, config, quant) if cpu_pack else 0,
     )
 
 

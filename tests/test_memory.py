@@ -70,6 +70,7 @@ def test_estimate_within_10_percent_of_measured_peak(
         context=measured["prompt"] + new,
         batch=batch,
         device="cpu",
+        cpu_pack=False,  # measure_memory.py's engine multiplies the weights as loaded
     )
     assert abs(planned.total / measured["peak"] - 1) < 0.10, (planned.parts(), measured)
 
@@ -165,3 +166,28 @@ def test_cli_estimate_reads_only_the_config(tiny_checkpoint, tmp_path: Path, cap
     assert "no-such-model" in capsys.readouterr().err
     assert main(["estimate", "--model", "tiny", "--tp", "3"]) == 1
     assert "tp=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "quant, dtype", [(None, torch.float32), ("int8", torch.float32), ("int4", torch.bfloat16)]
+)
+def test_weights_and_packed_copies_equal_a_built_model(quant: str | None, dtype: torch.dtype) -> None:
+    """The planner's weight bytes are those of the model as loaded on the CPU (quantized as quantize.py
+    does), and its packed copies (cpu_pack) those that `pack_linears` makes: the decoder's float32
+    layers that are not quantized (none in bfloat16)."""
+    pytest.importorskip("torchao")
+    from llama_vision.cpu_linear import pack_linears, use_blocked_linears
+    from llama_vision.quantize import quantize_model, tensor_bytes
+
+    config = PRESETS["tiny"]
+    model = LlamaVisionModel(config).to(dtype)
+    if quant is not None:
+        quantize_model(model, quant)
+    use_blocked_linears(model)
+    plan = estimate(config, dtype=dtype, quant=quant, device="cpu", max_tiles=1, context=64)
+    assert plan.weights == sum(tensor_bytes(p.data) for p in model.parameters())
+    assert plan.packed_weights == pack_linears(model.decoder)
+    assert (plan.packed_weights > 0) == (dtype == torch.float32)
+    assert estimate(config, dtype=dtype, quant=quant, device="cpu", cpu_pack=False).packed_weights == 0
+    with pytest.raises(ValueError, match="cpu_pack packs weights for the CPU; the plan is for cuda"):
+        estimate(config, cpu_pack=True)
