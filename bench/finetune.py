@@ -6,7 +6,9 @@ checkpoint and the same collated batch, for LoRA and for full fine-tuning.
     python bench/finetune.py --autocast          # both sides under bf16 autocast (CPUs with bf16 units)
     python bench/finetune.py --answer short      # question answering: answers of a few tokens
 
-A step is forward, loss, backward, AdamW step, zero_grad. Ours: `LlamaVisionModel` with LoRA from
+A step is forward, loss, backward, AdamW step, zero_grad; both sides use PyTorch's fused AdamW (ours:
+the trainer's `finetune.train.adamw`; theirs: what transformers' `Trainer` picks by default,
+`adamw_torch_fused`). Ours: `LlamaVisionModel` with LoRA from
 `llama_vision.finetune.lora.apply_lora` and `finetune.train.token_loss`; theirs:
 `MllamaForConditionalGeneration` with `peft.get_peft_model` and the loss it computes from `labels`. Both
 put LoRA (rank 8, alpha 16) on the same modules, the vision encoder's and the cross-attention layers'
@@ -45,7 +47,7 @@ from llama_vision.config import get_preset  # noqa: E402
 from llama_vision.finetune.collate import Collator  # noqa: E402
 from llama_vision.finetune.data import Example  # noqa: E402
 from llama_vision.finetune.lora import DEFAULT_LORA_PARTS, lora_targets, targets_pattern  # noqa: E402
-from llama_vision.finetune.train import token_loss  # noqa: E402
+from llama_vision.finetune.train import adamw, token_loss  # noqa: E402
 from llama_vision.tokenizer import Tokenizer  # noqa: E402
 from llama_vision.weights import load_checkpoint  # noqa: E402
 
@@ -97,7 +99,10 @@ class Side:
                 self.model = peft.get_peft_model(self.model, config)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+        if name == "ours":
+            self.optimizer = adamw(params, 1e-5)  # the trainer's: PyTorch's fused AdamW
+        else:  # transformers' Trainer default (optim="adamw_torch_fused" with torch >= 2.8)
+            self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         # float32 weights and optimizer either way; autocast runs the matrix products in bfloat16

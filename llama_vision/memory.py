@@ -250,14 +250,14 @@ def training_activation_bytes(
     any size; the dry-run plan, finetune/memory.py, simulates the step instead). With activation
     checkpointing per layer, each layer's input is kept and one layer's internals live at a time
     (forward, then recomputed in backward next to their gradients: twice); the loss makes float32
-    logits one chunk of positions at a time (`token_loss`, LOSS_CHUNK_BYTES): the chunk, its
-    log-softmax and their gradient."""
+    logits one chunk of positions at a time (`token_loss`, LOSS_CHUNK_BYTES): the chunk, which becomes
+    its gradient in place, and its 16-bit copies under autocast."""
     V = config.text.vocab_size
     kept = batch * context * config.text.hidden_size * size
     vision = _vision_bytes(config, tiles, images, batch, size, 1)
     layer = _text_layer_bytes(config, tiles, images, context, batch, size, 1)
     chunk = min(batch * context, max(1, LOSS_CHUNK_BYTES // (4 * V)))
-    return vision + config.text.num_hidden_layers * kept + 2 * layer + 3 * chunk * V * 4
+    return vision + config.text.num_hidden_layers * kept + 2 * layer + 2 * chunk * V * 4
 
 
 def _vision_bytes(config: LlamaVisionConfig, tiles: int, images: int, batch: int, size: int, tp: int) -> int:

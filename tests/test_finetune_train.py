@@ -108,13 +108,15 @@ def test_qlora_trains_two_steps_or_says_why(checkpoint: Path, data: Path, tmp_pa
     assert sorted(result.losses) == [1, 2] and (tmp_path / "final" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("head", ["plain", "checkpointed"])
 @pytest.mark.parametrize("chunk_rows", [3, None], ids=["chunks-of-3", "one-chunk"])
 def test_loss_from_hidden_states_equals_full_logits(
-    checkpoint: Path, data: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int | None
+    checkpoint: Path, data: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int | None, head: str
 ) -> None:
-    """token_loss (head on the trained positions only, chunked and recomputed in backward) against the
-    cross-entropy of the whole (B, T, vocab) logits: the same loss, count, hits and gradients of every
-    parameter, on a batch of text-only rows and rows with 1 and 2 images."""
+    """token_loss (head on the trained positions only, chunked; a plain head's gradients made with the
+    loss, any other head's chunks recomputed in backward) against the cross-entropy of the whole
+    (B, T, vocab) logits: the same loss, count, hits and gradients of every parameter, on a batch of
+    text-only rows and rows with 1 and 2 images."""
     from llama_vision.finetune.collate import IGNORE, Collator
     from llama_vision.finetune.data import load_examples
     from llama_vision.tokenizer import Tokenizer
@@ -124,6 +126,9 @@ def test_loss_from_hidden_states_equals_full_logits(
     vocab = model.config.text.vocab_size
     if chunk_rows is not None:
         monkeypatch.setattr(T.memory, "LOSS_CHUNK_BYTES", chunk_rows * 4 * vocab)
+    assert T._plain_head(model.language_model.lm_head)
+    if head == "checkpointed":  # the path of FSDP's sharded head and LoRA on the head
+        monkeypatch.setattr(T, "_plain_head", lambda head: False)
     examples = load_examples(str(data))
     batch = Collator(Tokenizer.from_dir(checkpoint), model.config, max_length=512)(examples[2:6])
     assert (batch["labels"] != IGNORE).sum() > 3 * (chunk_rows or 1)  # several chunks when asked

@@ -8,7 +8,9 @@ activation checkpointing are applied as for the run, and two training steps (for
 backward, AdamW; the first step creates the optimizer state) run under a dispatch mode that tracks
 every tensor storage created and freed. The peak of live bytes over the steps is the plan's peak,
 transients included (the loss's chunk of logits and its gradient, the recomputation of checkpointed
-layers, AdamW's temporaries). Attention is counted as a fused kernel (`_FusedAttention`: inputs,
+layers; AdamW is the trainer's fused kernel, which makes no temporaries and does not run on the meta
+device, so its state is allocated as it allocates it, `_FusedAdamWMemory`, or, under FSDP, the plain
+loop's temporaries are tracked as they run). Attention is counted as a fused kernel (`_FusedAttention`: inputs,
 output and log-sum-exp, never the attention weights), as CUDA runs it. It is the memory of the tensors;
 a CUDA allocator's cache, CUDA's context and the Python process come on top. `training_estimate`
 (`llama-vision estimate --mode`) takes the same state bytes and memory.py's activation formula
@@ -178,7 +180,8 @@ def plan_memory(
     weight_bytes, grad_bytes, optimizer_bytes = _state_bytes(model, config)
 
     tracker = _LiveBytes({p.untyped_storage()._cdata for p in params})
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=world == 1 or config.distributed != "fsdp")
+    fsdp = world > 1 and config.distributed == "fsdp"
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False) if fsdp else _FusedAdamWMemory(trainable)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32)
     with tracker, mock.patch.object(F, "scaled_dot_product_attention", _fused_sdpa):
         for _ in range(2):
@@ -230,6 +233,24 @@ def _planned_model(model_config: LlamaVisionConfig, config: TrainConfig, dtype: 
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+class _FusedAdamWMemory:
+    """What the trainer's fused AdamW (train.adamw) allocates, on the meta device, where PyTorch's
+    fused kernel does not run: both moments of every trained parameter at its first step, and no
+    temporaries (the kernel updates each parameter in one pass)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params, self.state = params, {}
+
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None and p not in self.state:
+                self.state[p] = (torch.zeros_like(p), torch.zeros_like(p))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 def _state_bytes(model: nn.Module, config: TrainConfig) -> tuple[int, int, int]:
