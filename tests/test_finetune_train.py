@@ -156,6 +156,41 @@ def test_loss_from_hidden_states_equals_full_logits(
     assert any(g.abs().sum() > 0 for g in expected_grads[:5])  # the vision tower got gradients too
 
 
+def test_plain_head_loss_under_autocast_and_a_second_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the plain head's loss and gradients (made with the loss, in autocast's dtype)
+    agree with the checkpointed path's up to bf16 rounding; its gradients are made once, so a second
+    backward through it is refused rather than silently giving the head none."""
+    from reference import randomize_
+
+    model = randomize_(LlamaVisionModel(get_preset("tiny")), seed=0).train()
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def run(plain: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        with monkeypatch.context() as m:
+            if not plain:
+                m.setattr(T, "_plain_head", lambda head: False)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _, _ = T.token_loss(model, batch)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return float(loss), grads
+
+    (fused, fused_grads), (plain, plain_grads) = run(True), run(False)
+    assert abs(fused - plain) < 1e-4 * abs(plain)
+    assert fused_grads.keys() == plain_grads.keys() and "language_model.lm_head.weight" in fused_grads
+    for name, want in plain_grads.items():  # bf16 rounding in different places: about 1% at most
+        assert (fused_grads[name] - want).norm() <= 0.03 * want.norm() + 1e-6, name
+
+    loss, _, _ = T.token_loss(model, batch)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="token_loss's gradients are made once"):
+        loss.backward()
+
+
 def test_loss_falls_when_overfitting_one_batch(checkpoint: Path, data: Path, tmp_path: Path) -> None:
     one = tmp_path / "one.jsonl"
     one.write_text(data.read_text().splitlines()[0].replace('"img/', f'"{data.parent}/img/') + "\n")

@@ -319,7 +319,7 @@ def token_loss(
     decoder = model.language_model
     rows = max(1, memory.LOSS_CHUNK_BYTES // (4 * model.config.text.vocab_size))  # 11B: 523
     head = decoder.lm_head
-    if _plain_head(head):
+    if _plain_head(head) and torch.is_grad_enabled():  # (evaluation: the plain chunks below)
         loss, correct = _LinearCrossEntropy.apply(h, head.weight, labels, rows)
         return loss, keep.sum(), correct
     loss = h.sum().float() * 0.0  # in the graph even with no trained position (FSDP's passes must reach it)
@@ -372,8 +372,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = labels.new_zeros(())
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         dtype = _product_dtype(h, weight)
         w = weight.to(dtype)  # once for every chunk (autocast would cast it in each product)
         for start in range(0, h.shape[0], rows):
@@ -389,7 +389,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad.div_(total[:, None])
             grad.scatter_add_(1, target[:, None], grad.new_full((target.shape[0], 1), -1.0))
             grad = grad.to(dtype)
-            grad_h[start : start + rows] = grad @ w
+            if grad_h is not None:
+                grad_h[start : start + rows] = grad @ w
             if grad_w is not None:
                 if grad_w.dtype == dtype:
                     grad_w.addmm_(grad.t(), part)
@@ -397,15 +398,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += grad.t() @ part  # V D
             del logits, grad
         del w
-        ctx.grad_h, ctx.grad_w = grad_h, grad_w
+        ctx.grad_h, ctx.grad_w, ctx.spent = grad_h, grad_w, False
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_correct: torch.Tensor):
+        if ctx.spent:
+            raise RuntimeError("token_loss's gradients are made once: backward through it only once")
         grad_h, grad_w = ctx.grad_h, ctx.grad_w
         ctx.grad_h = ctx.grad_w = None  # the only references left: autograd takes them over
-        grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+        ctx.spent = True
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype))
         return grad_h, grad_w, None, None
