@@ -8,9 +8,9 @@ the parts of the model (`part_of`) and `MemoryEstimate`.
 The parts, in bytes per device (TP = tensor-parallel degree):
 - weights: every parameter in the weight dtype; with `quant` the linear weights that quantize.py
   quantizes take its bytes (int8: 1 byte + 5 per row; int4: 0.5 + a scale and a zero per group of
-  128, bfloat16 on CUDA, the load dtype on the CPU, see quantize.py). Under TP the decoder's, the cross-attention layers'
-  and the vision encoder's projections and the output layer are split TP ways (parallel.py); embeddings,
-  norms, gates and the projector are replicated.
+  128, bfloat16 on CUDA, the load dtype on the CPU, see quantize.py). Under TP the decoder's, the
+  cross-attention layers' and the vision encoder's projections and the output layer are split TP ways
+  (parallel.py); embeddings, norms, gates and the projector are replicated.
 - kv_cache: self-attention keys and values for `context` tokens (prompt + new tokens): self-attention
   layers x 2 x batch x context x KV heads / TP x head width, in the activation dtype.
 - image_kv: the cross-attention keys and values held for the request: cross-attention layers x 2 x batch
