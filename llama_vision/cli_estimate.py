@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         f"context {args.context}, batch {args.batch}, per device of {args.tp}{' (FSDP)' if args.mode else ''}:"
     )
     for name, value in e.parts().items():
-        if name in ("gradients", "optimizer") and not args.mode or name == "packed_weights" and not value:
+        if (name in ("gradients", "optimizer") and not args.mode) or (name == "packed_weights" and not value):
             continue
         if name in ("kv_cache", "image_kv") and args.mode:
             continue  # no cache in training; the image keys/values are among the activations

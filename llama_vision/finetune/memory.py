@@ -10,8 +10,8 @@ every tensor storage created and freed. The peak of live bytes over the steps is
 transients included (the loss's chunk of logits and its gradient, the recomputation of checkpointed
 layers; AdamW is the trainer's fused kernel, which makes no temporaries and does not run on the meta
 device, so its state is allocated as it allocates it, `_FusedAdamWMemory`, or, under FSDP, the plain
-loop's temporaries are tracked as they run). Attention is counted as a fused kernel (`_FusedAttention`: inputs,
-output and log-sum-exp, never the attention weights), as CUDA runs it. It is the memory of the tensors;
+loop's temporaries are tracked as they run). Attention is counted as a fused kernel
+(`_FusedAttention`: inputs, output and log-sum-exp, never the attention weights), as CUDA runs it. It is the memory of the tensors;
 a CUDA allocator's cache, CUDA's context and the Python process come on top. `training_estimate`
 (`llama-vision estimate --mode`) takes the same state bytes and memory.py's activation formula
 instead of the simulation, which takes minutes for 11B or 90B.
@@ -167,7 +167,7 @@ def plan_memory(
     """The plan for `model_config` trained as `config` says (mode, LoRA, checkpointing, batch_size,
     max_length, max_tiles unless given here); weights in `dtype` (trained parameters in float32)."""
     from llama_vision.finetune.tags import pooled
-    from llama_vision.finetune.train import checkpoint_layers, token_loss
+    from llama_vision.finetune.train import adamw, checkpoint_layers, token_loss
 
     batch = batch or config.batch_size
     seq_len = seq_len or config.max_length
@@ -181,7 +181,7 @@ def plan_memory(
 
     tracker = _LiveBytes({p.untyped_storage()._cdata for p in params})
     fsdp = world > 1 and config.distributed == "fsdp"
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False) if fsdp else _FusedAdamWMemory(trainable)
+    optimizer = adamw(trainable, 1e-4, fsdp=True) if fsdp else _FusedAdamWMemory(trainable)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32)
     with tracker, mock.patch.object(F, "scaled_dot_product_attention", _fused_sdpa):
         for _ in range(2):
