@@ -60,15 +60,15 @@ def batch_of(checkpoint: Path, size: int, answer: str = "long") -> dict[str, tor
         image = random_image(448, 448, seed=i)  # 2 x 2 tiles of 224
         question = f"Picture {i}: describe the colours, the shapes and what they may show, in detail."
         if answer == "long":
-            answer = " ".join(f"The region number {j} is a gradient of colour {i + j}." for j in range(6))
+            reply = " ".join(f"The region number {j} is a gradient of colour {i + j}." for j in range(6))
         else:
-            answer = f"A gradient of colour {i}."
+            reply = f"A gradient of colour {i}."
         messages = [
             {
                 "role": "user",
                 "content": [{"type": "image", "image": image}, {"type": "text", "text": question}],
             },
-            {"role": "assistant", "content": answer},
+            {"role": "assistant", "content": reply},
         ]
         examples.append(Example(messages, f"bench:{i}"))
     return Collator(tokenizer, config, max_length=512)(examples)

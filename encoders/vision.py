@@ -14,7 +14,10 @@ Step by step, for each image of N tiles (aspect-ratio id selects the tile layout
 
 The attention mask is Meta's `build_encoder_attention_mask`: a token is "padding" when it is one of the
 tokens added in step 3 or lies in a padding tile, and only padding-to-padding pairs are masked; real
-tokens still see padding tokens. We reproduce it because the weights were trained with it.
+tokens still see padding tokens. We reproduce it because the weights were trained with it. When every
+image of a call has the same tile count, the mask is not built: the tokens are reordered real first
+(attention does not depend on their order), the real ones attend to all tokens and the padding ones to
+the real ones, in two unmasked products (`padding_layout`), and the order is undone after each stack.
 
 The tile-aware position tables are stored precomputed per aspect-ratio id, as in the HF checkpoints:
 (max_aspect_ratio_id + 1, N * P * D), row 0 (padding images) unused.
@@ -39,12 +42,21 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | int) -> torch.Tensor:
+        """`mask`: the additive padding mask (B, 1, L, L), or the number of real tokens when the tokens
+        come real first and padding after (`padding_layout`): then the real ones attend to every token
+        and the padding ones to the real ones only, the same function without a mask."""
         q, k, v = (
             rearrange(proj(x), "b l (h d) -> b h l d", h=self.n_heads)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, int):
+            out = F.scaled_dot_product_attention(q[:, :, :mask], k, v)
+            if mask < q.shape[2]:
+                pad = F.scaled_dot_product_attention(q[:, :, mask:], k[:, :, :mask], v[:, :, :mask])
+                out = torch.cat([out, pad], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -72,7 +84,7 @@ class VisionLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.zeros(1))
             self.gate_ffn = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | int) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), mask)
         x = x + (self.gate_attn.tanh() * attn if self.gated else attn)
         mlp = self.mlp(self.post_attention_layernorm(x))
@@ -87,7 +99,7 @@ class VisionTransformer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, keep: tuple[int, ...] = ()
+        self, x: torch.Tensor, mask: torch.Tensor | int, keep: tuple[int, ...] = ()
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run all layers; also return the inputs of the layers listed in `keep`."""
         kept = []
@@ -157,8 +169,18 @@ class VisionEncoder(nn.Module):
         aspect_ratio_ids: torch.Tensor,
         aspect_ratio_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """pixel_values (B, I, N, C, H, W), ids (B, I), tile mask (B, I, N) -> (B, I, N, P, D_out)."""
+        """pixel_values (B, I, N, C, H, W), ids (B, I), tile mask (B, I, N) -> (B, I, N, P, D_out).
+
+        Images of different tile counts run in one call per tile count (each image's features depend on
+        it alone), so that each call can drop the padding mask (`padding_layout`)."""
         B, I, N = pixel_values.shape[:3]
+        groups = _tile_groups(aspect_ratio_mask.reshape(B * I, N))
+        if groups is not None:
+            flat = (pixel_values.flatten(0, 1)[:, None], aspect_ratio_ids.reshape(B * I, 1),
+                    aspect_ratio_mask.reshape(B * I, 1, N))  # fmt: skip
+            outs = [self(*(t[rows] for t in flat)) for rows in groups]
+            back = torch.argsort(torch.cat(groups))
+            return torch.cat(outs)[back].view(B, I, *outs[0].shape[2:])
         ids = aspect_ratio_ids.reshape(B * I)
         x = self.patch_embedding(rearrange(pixel_values, "b i n c h w -> (b i n) c h w").to(self.dtype))
         x = rearrange(x, "(bi n) d gh gw -> bi n (gh gw) d", n=N)
@@ -170,14 +192,22 @@ class VisionEncoder(nn.Module):
         P = x.shape[2]
         n_pad = (8 - P % 8) % 8
         x = F.pad(x, (0, 0, 0, n_pad))  # BI N L D, L = P + n_pad
-        mask = padding_attention_bias(aspect_ratio_mask.reshape(B * I, N), P, n_pad, x.dtype)
-        x, kept = self.transformer(x.flatten(1, 2), mask, keep=self.config.intermediate_layers_indices)
-        x = self.layernorm_post(x).view(B * I, N, P + n_pad, -1)
+        is_pad = padding_tokens(aspect_ratio_mask.reshape(B * I, N), P, n_pad)  # BI N*L
+        layout = padding_layout(is_pad)
+        if layout is None:
+            mask: torch.Tensor | int = padding_attention_bias(is_pad, x.dtype)
+            order = inverse = None
+        else:
+            order, inverse, mask = layout
+        x, kept = self.transformer(
+            _tokens(x.flatten(1, 2), order), mask, keep=self.config.intermediate_layers_indices
+        )
+        x = self.layernorm_post(_tokens(x, inverse)).view(B * I, N, P + n_pad, -1)
         x = self.post_tile_positional_embedding(x, ids)
-        x, _ = self.global_transformer(x.flatten(1, 2), mask)
+        x, _ = self.global_transformer(_tokens(x.flatten(1, 2), order), mask)
 
         features = torch.cat([x, torch.stack(kept, dim=-1).flatten(-2)], dim=-1)  # BI N*L D_out
-        features = features.view(B, I, N, P + n_pad, -1)
+        features = _tokens(features, inverse).view(B, I, N, P + n_pad, -1)
         return features[:, :, :, :P]
 
     @property
@@ -185,15 +215,57 @@ class VisionEncoder(nn.Module):
         return self.patch_embedding.weight.dtype
 
 
-def padding_attention_bias(
-    tile_mask: torch.Tensor, num_patches: int, n_pad: int, dtype: torch.dtype
-) -> torch.Tensor:
+def padding_tokens(tile_mask: torch.Tensor, num_patches: int, n_pad: int) -> torch.Tensor:
+    """(B*I, N*L) True for padding tokens: those of padding tiles and the n_pad added to every tile."""
+    is_pad = ~tile_mask.bool()[:, :, None].expand(-1, -1, num_patches + n_pad).clone()  # BI N L
+    is_pad[:, :, num_patches:] = True
+    return is_pad.flatten(1)
+
+
+def padding_attention_bias(is_pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive (B*I, 1, N*L, N*L) mask, -inf only between two padding tokens (Meta's quirk kept).
 
     Additive rather than boolean: SDPA's CPU kernel runs faster with it.
     """
-    is_pad = ~tile_mask.bool()[:, :, None].expand(-1, -1, num_patches + n_pad).clone()  # BI N L
-    is_pad[:, :, num_patches:] = True
-    is_pad = is_pad.flatten(1)  # BI N*L
     both = is_pad[:, :, None] & is_pad[:, None, :]
     return torch.zeros(both.shape, dtype=dtype, device=both.device).masked_fill_(both, float("-inf"))[:, None]
+
+
+def padding_layout(is_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """When every image has the same padding tokens (the same tile count): the token order that puts
+    the real tokens first (`order`), its inverse, and the number of real tokens R. Attention is blind to
+    token order, so with the tokens in that order Meta's mask becomes two unmasked products: R real
+    queries over all keys, the padding queries over the first R keys. That skips the (N*L)^2 mask and,
+    for images of fewer tiles than the maximum, most of the padding tiles' attention (a 1-tile image of
+    4: 43% of the products). None (keep the mask) for images of different tile counts, on the meta
+    device, and inside torch.compile (the choice reads the tile mask)."""
+    if is_pad.device.type == "meta" or torch.compiler.is_compiling():
+        return None
+    first = is_pad[0]
+    if not bool((is_pad == first).all()):
+        return None
+    order = torch.argsort(first.to(torch.int8), stable=True)
+    return order, torch.argsort(order), int((~first).sum())
+
+
+def _tile_groups(tile_mask: torch.Tensor) -> list[torch.Tensor] | None:
+    """The rows (images) of each tile count, when a call holds more than one count (else None). Not in a
+    process group of several: under FSDP every rank must run each layer as often as the others, and
+    their images differ."""
+    if tile_mask.device.type == "meta" or torch.compiler.is_compiling() or _distributed():
+        return None
+    counts = tile_mask.bool().sum(-1)
+    values = counts.unique()
+    if len(values) < 2:
+        return None
+    return [torch.nonzero(counts == n).flatten() for n in values]
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _tokens(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """x (B, L, ...) with its tokens taken in `index` order (None: as they are)."""
+    return x if index is None else x.index_select(1, index)

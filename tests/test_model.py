@@ -137,3 +137,34 @@ def test_bfloat16_runs_close_to_float32(model: LlamaVisionModel) -> None:
     out = low(**inputs)
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_vision_padding_layout_equals_the_mask(model: LlamaVisionModel, monkeypatch) -> None:
+    """Each tile count of a call runs alone and without the padding mask (real tokens first, two unmasked
+    products). Features and gradients equal the masked path over the whole mixed batch."""
+    from llama_vision.encoders import vision
+
+    images = _images(2, 2, [[1, 4], [2, 1]], seed=3)  # three tile counts, two images per row
+    encoder = model.vision_model
+    layout, groups = vision.padding_layout, vision._tile_groups
+    taken = []
+    monkeypatch.setattr(vision, "padding_layout", lambda is_pad: taken.append(layout(is_pad)) or taken[-1])
+    runs = []
+    for split in (True, False):
+        if not split:  # Meta's masked attention over the mixed batch, as before
+            monkeypatch.setattr(vision, "padding_layout", lambda is_pad: None)
+            monkeypatch.setattr(vision, "_tile_groups", lambda tile_mask: None)
+        encoder.zero_grad(set_to_none=True)
+        out = encoder(**images)
+        (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
+        runs.append(
+            (out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+        )
+    encoder.zero_grad(set_to_none=True)
+    assert groups(images["aspect_ratio_mask"].flatten(0, 1)) is not None
+    assert sorted(t[2] for t in taken) == [encoder.config.num_patches * n for n in (1, 2, 4)]  # real tokens
+    (split_out, split_grads), (mask_out, mask_grads) = runs
+    torch.testing.assert_close(split_out, mask_out, rtol=1e-4, atol=1e-4)
+    assert split_grads.keys() == mask_grads.keys() and len(split_grads) > 10
+    for name, g in split_grads.items():
+        torch.testing.assert_close(g, mask_grads[name], rtol=1e-3, atol=1e-5, msg=name)
