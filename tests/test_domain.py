@@ -252,3 +252,21 @@ def test_conversations_ask_every_type_a_picture_allows(tmp_path: Path) -> None:
         assert all(k == ["text"] for k in kinds)  # the picture comes once, in the first turn
     with pytest.raises(ValueError, match="variants"):
         generate_dataset(tmp_path, 1, split="eval", variant="border", conversations=True)
+
+
+def test_generate_dense_is_deterministic_and_names_its_classes(tmp_path: Path) -> None:
+    from llama_vision.domain.dataset import generate_dense
+    from llama_vision.domain.scenes import LABEL_CHANNELS
+    from llama_vision.finetune.tags import label_channels, load_tagged
+
+    a, b = generate_dense(tmp_path / "a", 6, seed=3), generate_dense(tmp_path / "b", 6, seed=3)
+    assert a.read_text() == b.read_text()
+    records = [json.loads(line) for line in a.read_text().splitlines()]
+    assert [r["tags"] == ["text"] for r in records] == [False, True] * 3  # scenes and text take turns
+    for r in records:
+        for key in ("image", "label_map"):
+            assert (tmp_path / "a" / r[key]).read_bytes() == (tmp_path / "b" / r[key]).read_bytes()
+    assert label_channels(a, load_tagged(a)) == {k: list(v) for k, v in LABEL_CHANNELS.items()}
+    other = generate_dense(tmp_path / "c", 6, seed=4)
+    assert (tmp_path / "c" / records[0]["image"]).read_bytes() != (tmp_path / "a" / records[0]["image"]).read_bytes()
+    assert other.read_text() != a.read_text()

@@ -57,7 +57,7 @@ def test_vision_mode_trains_the_encoder_and_projector_only(
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"vision_model", "multi_modal_projector"}, changed
     assert json.loads((result.final / TAGS_FILE).read_text()) == ["blue", "red", "wide"]
-    assert load_file(result.final / HEAD_FILE)["weight"].shape == (3, 2 * 128)
+    assert load_file(result.final / HEAD_FILE)["tags.weight"].shape == (3, 2 * 128)
     lv = LlamaVision.from_pretrained(result.final)  # a full checkpoint: the next stage starts from it
     assert lv.config.text.hidden_size == 128
 
@@ -173,3 +173,113 @@ def test_domain_writes_tagged_scenes_deterministically(tmp_path: Path) -> None:
         assert list(record.tags) == shape_tags(scene) == sorted({s.kind for s in scene.shapes})
     with pytest.raises(ValueError, match="max_shapes"):
         tagged_picture("train", 0, 0, max_shapes=7)
+
+
+# ----------------------------------------------------------------------------- label maps
+
+
+def test_label_map_lies_on_the_picture() -> None:
+    """Each shape's centre pixel holds its colour and kind; every inked pixel of a text picture lies in
+    a character's cell, and the cells name the text's characters in order."""
+    import random
+
+    import numpy as np
+
+    from llama_vision.domain.scenes import (
+        CHARACTERS, COLOURS, SHAPES, label_map, render, sample_scene, sample_text_picture,
+    )  # fmt: skip
+
+    for seed in range(6):
+        scene = sample_scene(random.Random(seed))
+        labels = label_map(scene)
+        for s in scene.shapes:
+            assert tuple(labels[int(s.y), int(s.x), :2]) == (list(COLOURS).index(s.colour) + 1, SHAPES.index(s.kind) + 1)
+        picture = sample_text_picture(random.Random(seed))
+        labels, pixels = label_map(picture), np.asarray(render(picture)).astype(int)
+        ink = pixels.sum(-1) < 500
+        assert ink.any() and (labels[..., 2][ink] > 0).all()
+        order = [labels[..., 2][labels[..., 3] == k + 1] for k in range(len(picture.text))]
+        assert all(np.all(o == CHARACTERS.index(c) + 1) for o, c in zip(order, picture.text))
+
+
+def test_patch_targets_are_cut_like_the_picture(tiny_checkpoint: Callable[[int], Path]) -> None:
+    """A white rectangle on black and its label map, through transform_image and patch_targets: each
+    patch's share of the rectangle's class follows the patch's brightness, on 1, 2 and 4 tiles."""
+    import numpy as np
+
+    from llama_vision.encoders.image_transform import transform_image
+    from llama_vision.finetune.tags import patch_targets
+
+    config = LlamaVision.from_pretrained(tiny_checkpoint(31)).config
+    v = config.vision
+    for width, height, box in ((90, 90, (10, 20, 50, 70)), (300, 140, (150, 30, 290, 80)), (400, 380, (5, 200, 120, 370))):
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        labels = np.zeros((height, width, 1), dtype=np.uint8)
+        x0, y0, x1, y1 = box
+        pixels[y0:y1, x0:x1], labels[y0:y1, x0:x1] = 255, 1
+        tiles, _ = transform_image(Image.fromarray(pixels), tile_size=v.image_size, max_num_tiles=4)
+        (shares,), place, on_picture = patch_targets(labels, [1], config, 4)
+        p = v.patch_size
+        bright = tiles[:, 0].unfold(1, p, p).unfold(2, p, p).flatten(1, 2).flatten(2).mean(-1)  # N patches
+        bright = (bright - bright.min()) / (bright.max() - bright.min())
+        assert shares.shape[:2] == bright.shape and torch.allclose(shares.sum(-1), torch.ones(()))
+        assert (shares[..., 1] - bright).abs().max() < 0.35, (width, height)
+        assert (shares[..., 1] > 0.5).sum() > 0
+        inside = place[on_picture]
+        assert inside.min() >= 0 and inside.max() <= 1 and on_picture.float().mean() > 0.3
+
+
+def test_vision_mode_learns_what_is_at_each_patch(tiny_checkpoint: Callable[[int], Path], tmp_path: Path) -> None:
+    """Pictures half red and half blue (the split at a different place in each), with label maps:
+    after training, the patch head names the colour of nearly every patch and places them."""
+    import numpy as np
+
+    from llama_vision.finetune.tags import image_tokens
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "labels.json").write_text(json.dumps({"colour": ["red", "blue"]}))
+    lines = []
+    for i in range(8):
+        pixels = np.zeros((96, 96 + 24 * (i % 3), 3), dtype=np.uint8)
+        labels = np.zeros(pixels.shape[:2], dtype=np.uint8)
+        split = 20 + 8 * i
+        pixels[:, :split], labels[:, :split] = (220, 30, 30), 1
+        pixels[:, split:], labels[:, split:] = (30, 30, 220), 2
+        Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
+        Image.fromarray(labels).save(tmp_path / "img" / f"{i}-labels.png")
+        lines.append(json.dumps({"image": f"img/{i}.png", "tags": ["both"], "label_map": f"img/{i}-labels.png"}))
+    data = tmp_path / "dense.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    trainer = T.Trainer(config(tiny_checkpoint(31), data, tmp_path / "out", max_steps=60, batch_size=8, lr=3e-3), log=quiet)
+    trainer.prepare()
+    trainer.run()
+    batch = trainer.collator(trainer.examples)
+    with torch.no_grad():
+        tokens = image_tokens(trainer.model, batch)
+        out = trainer.head.patches(tokens.view(8, -1, batch["patch_real"].shape[2] + 1, tokens.shape[-1])[:, :, 1:])
+    real = batch["aspect_ratio_mask"][:, 0].bool()[:, :, None] & (batch["patch_shares"][..., 0] < 0.5)
+    wanted = batch["patch_shares"][..., 1:3].argmax(-1)
+    assert (out[..., 1:3].argmax(-1) == wanted)[real].float().mean() > 0.9
+    assert ((out[..., 3:5] - batch["patch_places"]).abs() < 0.2)[batch["patch_real"]].float().mean() > 0.8
+
+
+def test_label_maps_must_be_named_and_complete(tiny_checkpoint: Callable[[int], Path], tmp_path: Path) -> None:
+    from llama_vision.finetune.tags import label_channels
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "img" / "0.png")
+    Image.new("L", (40, 40)).save(tmp_path / "img" / "0-labels.png")
+    rows = ['{"image": "img/0.png", "tags": ["a"], "label_map": "img/0-labels.png"}', '{"image": "img/0.png", "tags": ["a"]}']
+    data = tmp_path / "d.jsonl"
+    data.write_text(rows[0] + "\n")
+    with pytest.raises(ValueError, match=r"labels\.json: not found"):
+        label_channels(data, load_tagged(data))
+    (tmp_path / "labels.json").write_text('{"colour": "red"}')
+    with pytest.raises(ValueError, match=r"labels\.json: expected"):
+        label_channels(data, load_tagged(data))
+    data.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: no label_map, but other records have one"):
+        label_channels(data, load_tagged(data))
+    data.write_text('{"image": "img/0.png", "tags": ["a"], "label_map": "img/none.png"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: label map file '.*none\.png' not found"):
+        load_tagged(data)

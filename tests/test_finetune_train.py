@@ -572,3 +572,17 @@ def test_scratch_init_patch_std_changes_only_the_patch_embedding() -> None:
     assert TrainConfig.from_dict(values).patch_std == 0.1  # YAML 1.1 reads 1e-1 as a string
     with pytest.raises(ValueError, match="patch_std: expected a number > 0"):
         TrainConfig.from_dict({**values, "patch_std": 0})
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_cpu_autocast_without_bf16_instructions_is_warned(
+    checkpoint: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_bf16: bool
+) -> None:
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: has_bf16)
+    said: list[str] = []
+    T.Trainer(config(checkpoint, data, tmp_path, autocast=True), log=said.append)
+    warned = [m for m in said if "bf16 autocast on a CPU without bfloat16 instructions" in m]
+    assert len(warned) == (0 if has_bf16 else 1), said
+    said.clear()
+    T.Trainer(config(checkpoint, data, tmp_path, autocast=False), log=said.append)
+    assert not any("bf16 autocast" in m for m in said)

@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 
 from .questions import QA, QUESTION_TYPES, ask
-from .scenes import Scene, TextPicture, render, sample_scene, sample_text_picture
+from .scenes import LABEL_CHANNELS, Scene, TextPicture, label_map, render, sample_scene, sample_text_picture
 
 SPLITS = ("train", "eval")
 VARIANTS = ("large_canvas", "speckled", "border", "big_font")
@@ -162,6 +162,38 @@ def generate_tagged(
     return path
 
 
+def dense_picture(split: str, seed: int, index: int) -> Scene | TextPicture:
+    """Picture `index` of a split's patch-labelled pretraining set (`generate_dense`): even indices a
+    scene of 1 to 6 shapes, odd ones printed text. Seeded apart from everything else
+    (`{split}/dense/...`)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    rng = random.Random(f"{split}/dense/{seed}/{index}")
+    return sample_scene(rng) if index % 2 == 0 else sample_text_picture(rng)
+
+
+def generate_dense(out_dir: str | Path, n: int, seed: int = 0, *, split: str = "train") -> Path:
+    """Write n pictures (`dense_picture`) as `out_dir/{split}-dense.jsonl` for `mode: vision`, each with
+    its tags (the kinds of shape, or "text") and a label map (`label_map`, a 4-channel PNG beside the
+    picture), and `out_dir/labels.json`, the class names of the map's channels; returns the JSONL path.
+    The vision encoder then learns what is at every patch, not only what the picture holds."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    out_dir = Path(out_dir)
+    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    (out_dir / "labels.json").write_text(json.dumps(LABEL_CHANNELS, indent=1) + "\n", encoding="utf-8")
+    path = out_dir / f"{split}-dense.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            picture = dense_picture(split, seed, i)
+            image, labels = f"img/{split}-dense-{i:06d}.png", f"img/{split}-dense-{i:06d}-labels.png"
+            render(picture).save(out_dir / image)
+            Image.fromarray(label_map(picture), "RGBA").save(out_dir / labels)
+            tags = shape_tags(picture) if isinstance(picture, Scene) else ["text"]
+            f.write(json.dumps({"image": image, "tags": tags, "label_map": labels}) + "\n")
+    return path
+
+
 def generate_dataset(
     out_dir: str | Path,
     n: int,
@@ -215,8 +247,19 @@ def main(argv: list[str] | None = None) -> None:
         help="instead, write {split}-tags.jsonl: scenes of 1 to MAX_SHAPES shapes tagged with their kinds "
         "of shape, for the vision encoder's pretraining (mode: vision)",
     )
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help="instead, write {split}-dense.jsonl: scenes and text pictures with tags and a label map of "
+        "what is at every pixel (labels.json names the classes), for mode: vision",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.dense:
+            if args.conversations or args.variant or args.shape_tags is not None:
+                raise ValueError("--dense writes labelled pictures only; drop the other options")
+            print(generate_dense(args.out_dir, args.n, args.seed, split=args.split))
+            return
         if args.shape_tags is not None:
             if args.conversations or args.variant:
                 raise ValueError("--shape-tags writes tagged scenes only; drop --conversations and --variant")

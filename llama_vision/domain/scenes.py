@@ -259,3 +259,45 @@ def render(picture: Scene | TextPicture) -> Image.Image:
     layer = layer.resize((picture.width, picture.height), Image.Resampling.BOX)
     image.paste(layer, (0, 0), layer)
     return image
+
+
+# ----------------------------------------------------------------------------- patch labels
+
+CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"  # every character a text picture can hold
+LABEL_CHANNELS: dict[str, tuple[str, ...]] = {  # class 0 of every channel is "nothing of this here"
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "character": tuple(CHARACTERS),
+    "place": tuple(f"character {k}" for k in range(1, 9)),  # which character of the text, from the left
+}
+
+
+def label_map(picture: Scene | TextPicture) -> np.ndarray:
+    """(height, width, 4) uint8 of class ids per pixel, channels as `LABEL_CHANNELS` (0 = none): the
+    colour and shape of the shape drawn there, and for text the character whose cell (its advance
+    width by the text's height) holds the pixel, with its place in the text. Drawn without
+    anti-aliasing at the picture's own size, so it lies on the picture as `render` draws it."""
+    out = np.zeros((picture.height, picture.width, 4), dtype=np.uint8)
+    if isinstance(picture, TextPicture):
+        f = font(picture.font, picture.font_size)
+        _, top, _, bottom = f.getbbox(picture.text)
+        y0, y1 = max(picture.y + top, 0), min(picture.y + bottom, picture.height)
+        for k, char in enumerate(picture.text):
+            x0 = round(picture.x + f.getlength(picture.text[:k]))
+            x1 = round(picture.x + f.getlength(picture.text[: k + 1]))
+            cell = out[y0:y1, max(x0, 0) : min(x1, picture.width)]
+            cell[..., 2] = CHARACTERS.index(char) + 1
+            cell[..., 3] = k + 1
+        return out
+    for channel, value_of in ((0, lambda s: tuple(COLOURS).index(s.colour)), (1, lambda s: SHAPES.index(s.kind))):
+        layer = Image.new("L", (picture.width, picture.height), 0)
+        draw = ImageDraw.Draw(layer)
+        for s in picture.shapes:
+            value = value_of(s) + 1
+            points = shape_polygon(s.kind, s.x, s.y, s.r)
+            if points is None:
+                draw.ellipse((s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r), fill=value)
+            else:
+                draw.polygon(points, fill=value)
+        out[..., channel] = np.asarray(layer)
+    return out
