@@ -268,5 +268,7 @@ def test_generate_dense_is_deterministic_and_names_its_classes(tmp_path: Path) -
             assert (tmp_path / "a" / r[key]).read_bytes() == (tmp_path / "b" / r[key]).read_bytes()
     assert label_channels(a, load_tagged(a)) == {k: list(v) for k, v in LABEL_CHANNELS.items()}
     other = generate_dense(tmp_path / "c", 6, seed=4)
-    assert (tmp_path / "c" / records[0]["image"]).read_bytes() != (tmp_path / "a" / records[0]["image"]).read_bytes()
+    assert (tmp_path / "c" / records[0]["image"]).read_bytes() != (
+        tmp_path / "a" / records[0]["image"]
+    ).read_bytes()
     assert other.read_text() != a.read_text()

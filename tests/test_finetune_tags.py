@@ -186,14 +186,23 @@ def test_label_map_lies_on_the_picture() -> None:
     import numpy as np
 
     from llama_vision.domain.scenes import (
-        CHARACTERS, COLOURS, SHAPES, label_map, render, sample_scene, sample_text_picture,
+        CHARACTERS,
+        COLOURS,
+        SHAPES,
+        label_map,
+        render,
+        sample_scene,
+        sample_text_picture,
     )  # fmt: skip
 
     for seed in range(6):
         scene = sample_scene(random.Random(seed))
         labels = label_map(scene)
         for s in scene.shapes:
-            assert tuple(labels[int(s.y), int(s.x), :2]) == (list(COLOURS).index(s.colour) + 1, SHAPES.index(s.kind) + 1)
+            assert tuple(labels[int(s.y), int(s.x), :2]) == (
+                list(COLOURS).index(s.colour) + 1,
+                SHAPES.index(s.kind) + 1,
+            )
         picture = sample_text_picture(random.Random(seed))
         labels, pixels = label_map(picture), np.asarray(render(picture)).astype(int)
         ink = pixels.sum(-1) < 500
@@ -212,7 +221,11 @@ def test_patch_targets_are_cut_like_the_picture(tiny_checkpoint: Callable[[int],
 
     config = LlamaVision.from_pretrained(tiny_checkpoint(31)).config
     v = config.vision
-    for width, height, box in ((90, 90, (10, 20, 50, 70)), (300, 140, (150, 30, 290, 80)), (400, 380, (5, 200, 120, 370))):
+    for width, height, box in (
+        (90, 90, (10, 20, 50, 70)),
+        (300, 140, (150, 30, 290, 80)),
+        (400, 380, (5, 200, 120, 370)),
+    ):
         pixels = np.zeros((height, width, 3), dtype=np.uint8)
         labels = np.zeros((height, width, 1), dtype=np.uint8)
         x0, y0, x1, y1 = box
@@ -229,7 +242,9 @@ def test_patch_targets_are_cut_like_the_picture(tiny_checkpoint: Callable[[int],
         assert inside.min() >= 0 and inside.max() <= 1 and on_picture.float().mean() > 0.3
 
 
-def test_vision_mode_learns_what_is_at_each_patch(tiny_checkpoint: Callable[[int], Path], tmp_path: Path) -> None:
+def test_vision_mode_learns_what_is_at_each_patch(
+    tiny_checkpoint: Callable[[int], Path], tmp_path: Path
+) -> None:
     """Pictures half red and half blue (the split at a different place in each), with label maps:
     after training, the patch head names the colour of nearly every patch and places them."""
     import numpy as np
@@ -247,29 +262,41 @@ def test_vision_mode_learns_what_is_at_each_patch(tiny_checkpoint: Callable[[int
         pixels[:, split:], labels[:, split:] = (30, 30, 220), 2
         Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
         Image.fromarray(labels).save(tmp_path / "img" / f"{i}-labels.png")
-        lines.append(json.dumps({"image": f"img/{i}.png", "tags": ["both"], "label_map": f"img/{i}-labels.png"}))
+        lines.append(
+            json.dumps({"image": f"img/{i}.png", "tags": ["both"], "label_map": f"img/{i}-labels.png"})
+        )
     data = tmp_path / "dense.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    trainer = T.Trainer(config(tiny_checkpoint(31), data, tmp_path / "out", max_steps=60, batch_size=8, lr=3e-3), log=quiet)
+    trainer = T.Trainer(
+        config(tiny_checkpoint(31), data, tmp_path / "out", max_steps=60, batch_size=8, lr=3e-3), log=quiet
+    )
     trainer.prepare()
     trainer.run()
     batch = trainer.collator(trainer.examples)
     with torch.no_grad():
         tokens = image_tokens(trainer.model, batch)
-        out = trainer.head.patches(tokens.view(8, -1, batch["patch_real"].shape[2] + 1, tokens.shape[-1])[:, :, 1:])
+        out = trainer.head.patches(
+            tokens.view(8, -1, batch["patch_real"].shape[2] + 1, tokens.shape[-1])[:, :, 1:]
+        )
     real = batch["aspect_ratio_mask"][:, 0].bool()[:, :, None] & (batch["patch_shares"][..., 0] < 0.5)
     wanted = batch["patch_shares"][..., 1:3].argmax(-1)
     assert (out[..., 1:3].argmax(-1) == wanted)[real].float().mean() > 0.9
     assert ((out[..., 3:5] - batch["patch_places"]).abs() < 0.2)[batch["patch_real"]].float().mean() > 0.8
 
 
-def test_label_maps_must_be_named_and_complete(tiny_checkpoint: Callable[[int], Path], tmp_path: Path) -> None:
-    from llama_vision.finetune.tags import label_channels
+def test_label_maps_must_be_named_and_complete(tmp_path: Path) -> None:
+    import numpy as np
+
+    from llama_vision.config import get_preset
+    from llama_vision.finetune.tags import TagCollator, label_channels
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (40, 40)).save(tmp_path / "img" / "0.png")
     Image.new("L", (40, 40)).save(tmp_path / "img" / "0-labels.png")
-    rows = ['{"image": "img/0.png", "tags": ["a"], "label_map": "img/0-labels.png"}', '{"image": "img/0.png", "tags": ["a"]}']
+    rows = [
+        '{"image": "img/0.png", "tags": ["a"], "label_map": "img/0-labels.png"}',
+        '{"image": "img/0.png", "tags": ["a"]}',
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text(rows[0] + "\n")
     with pytest.raises(ValueError, match=r"labels\.json: not found"):
@@ -280,6 +307,17 @@ def test_label_maps_must_be_named_and_complete(tiny_checkpoint: Callable[[int], 
     data.write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=r"d\.jsonl:2: no label_map, but other records have one"):
         label_channels(data, load_tagged(data))
+    Image.fromarray(np.full((40, 40), 3, dtype=np.uint8)).save(tmp_path / "img" / "0-labels.png")
+    (tmp_path / "labels.json").write_text('{"colour": ["red", "blue"]}')
+    data.write_text(rows[0] + "\n")
+    collator = TagCollator(
+        get_preset("embedded"), ["a"], max_num_tiles=4, channels={"colour": ["red", "blue"]}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"d\.jsonl:1: label map '.*0-labels\.png': channel 'colour' holds class 3, but labels\.json names 2",
+    ):
+        collator(load_tagged(data))
     data.write_text('{"image": "img/0.png", "tags": ["a"], "label_map": "img/none.png"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:1: label map file '.*none\.png' not found"):
         load_tagged(data)

@@ -289,7 +289,10 @@ def label_map(picture: Scene | TextPicture) -> np.ndarray:
             cell[..., 2] = CHARACTERS.index(char) + 1
             cell[..., 3] = k + 1
         return out
-    for channel, value_of in ((0, lambda s: tuple(COLOURS).index(s.colour)), (1, lambda s: SHAPES.index(s.kind))):
+    for channel, value_of in (
+        (0, lambda s: tuple(COLOURS).index(s.colour)),
+        (1, lambda s: SHAPES.index(s.kind)),
+    ):
         layer = Image.new("L", (picture.width, picture.height), 0)
         draw = ImageDraw.Draw(layer)
         for s in picture.shapes:

@@ -39,12 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 import numpy as np
+import torch
 from einops import rearrange
 from PIL import Image
+from torch import nn
 
 from llama_vision.config import LlamaVisionConfig, supported_aspect_ratios
 from llama_vision.encoders.image_transform import best_fit_canvas, resized_size
@@ -125,7 +124,9 @@ def label_channels(path: str | Path, examples: Sequence[TaggedImage]) -> dict[st
         )
     )
     if not ok:
-        raise ValueError(f'{file}: expected {{"channel": ["class 1", ...], ...}}, 1 to 4 channels of 1 to 255 classes')
+        raise ValueError(
+            f'{file}: expected {{"channel": ["class 1", ...], ...}}, 1 to 4 channels of 1 to 255 classes'
+        )
     return channels
 
 
@@ -166,7 +167,7 @@ def patch_targets(
     side = v.image_size // v.patch_size
     shares = []
     for c, n in enumerate(classes):
-        ids = torch.from_numpy(canvas[..., c]).clamp(max=n)  # an id past the names counts as the last
+        ids = torch.from_numpy(canvas[..., c])
         one_hot = torch.nn.functional.one_hot(ids, n + 1).float()  # H W K
         per_patch = rearrange(
             one_hot, "(th gh ph) (tw gw pw) k -> (th tw) (gh gw) (ph pw) k",
@@ -197,7 +198,8 @@ class TagCollator:
     ) -> None:
         self.config, self.max_num_tiles = config, checked_max_tiles(config, max_num_tiles)
         self.index = {t: i for i, t in enumerate(labels)}
-        self.classes = [len(names) for names in channels.values()] if channels else []
+        self.channels = dict(channels or {})
+        self.classes = [len(names) for names in self.channels.values()]
 
     def __call__(self, examples: Sequence[TaggedImage]) -> dict[str, torch.Tensor]:
         sources = [e.source for e in examples]
@@ -228,9 +230,19 @@ class TagCollator:
         for b, e in enumerate(examples):
             try:
                 label_map = read_label_map(e.label_map, len(self.classes))
+                for (name, names), top in zip(
+                    self.channels.items(), label_map.reshape(-1, len(self.classes)).max(0)
+                ):
+                    if top > len(names):
+                        raise ValueError(
+                            f"label map {e.label_map!r}: channel {name!r} holds class {top}, but labels.json "
+                            f"names {len(names)} classes"
+                        )
             except ValueError as err:
                 raise ValueError(f"{e.source}: {err}") from None
-            per_channel, place, on_picture = patch_targets(label_map, self.classes, self.config, self.max_num_tiles)
+            per_channel, place, on_picture = patch_targets(
+                label_map, self.classes, self.config, self.max_num_tiles
+            )
             n = place.shape[0]
             shares[b, :n] = torch.cat(per_channel, -1)
             places[b, :n], real[b, :n] = place, on_picture

@@ -60,8 +60,8 @@ from llama_vision.finetune.report import TensorBoard, summary_writer_class
 from llama_vision.finetune.tags import (
     TagCollator,
     TagLoss,
-    load_head,
     label_channels,
+    load_head,
     load_tagged,
     new_head,
     save_head,
@@ -548,12 +548,19 @@ class Trainer:
                 raise ValueError("mode vision: distributed fsdp is not supported; use ddp (the default)")
             self.tag_labels = tag_vocabulary(self.examples)
             channels = label_channels(config.data, self.examples)
-            if self.eval_examples and (label_channels(config.eval_data, self.eval_examples) or None) != channels:
-                raise ValueError(f"eval_data {config.eval_data}: its label maps must name the classes of data's")
+            if (
+                self.eval_examples
+                and label_channels(config.eval_data, self.eval_examples) != channels
+            ):
+                raise ValueError(
+                    f"eval_data {config.eval_data}: its label maps must name the classes of data's"
+                )
             self.collator = TagCollator(
                 self.model_config, self.tag_labels, max_num_tiles=config.max_tiles, channels=channels
             )
-            self.head = new_head(self.model_config, len(self.tag_labels), config.seed, channels).to(self.device)
+            self.head = new_head(self.model_config, len(self.tag_labels), config.seed, channels).to(
+                self.device
+            )
         if config.mode == "qlora":
             quantize_frozen(self.model, config, self.device)
             self.model.to(self.device)
