@@ -13,7 +13,8 @@ the trainer's `finetune.train.adamw`; theirs: what transformers' `Trainer` picks
 `MllamaForConditionalGeneration` with `peft.get_peft_model` and the loss it computes from `labels`. Both
 put LoRA (rank 8, alpha 16) on the same modules, the vision encoder's and the cross-attention layers'
 linear layers (one `target_modules` pattern fits both trees), and train the same parameters in full
-mode. The batch: rows of one 4-tile image, a question and an answer, collated by `finetune.collate`,
+mode (a third row: our full step with the optimizer stepped in backward, `StepInBackward`, the
+trainer's `optimizer_in_backward: true`, against their plain full step). The batch: rows of one 4-tile image, a question and an answer, collated by `finetune.collate`,
 labels on the answers (`--answer long`, the default: six sentences, most of a row's text tokens;
 `short`: a few words, as in visual question answering, where our loss computes the 128,256-row output
 layer on the answer tokens only and transformers on every token); the checkpoint's vision feature indices are lowered by one for transformers
@@ -47,7 +48,7 @@ from llama_vision.config import get_preset  # noqa: E402
 from llama_vision.finetune.collate import Collator  # noqa: E402
 from llama_vision.finetune.data import Example  # noqa: E402
 from llama_vision.finetune.lora import DEFAULT_LORA_PARTS, lora_targets, targets_pattern  # noqa: E402
-from llama_vision.finetune.train import adamw, token_loss  # noqa: E402
+from llama_vision.finetune.train import StepInBackward, adamw, token_loss  # noqa: E402
 from llama_vision.tokenizer import Tokenizer  # noqa: E402
 from llama_vision.weights import load_checkpoint  # noqa: E402
 
@@ -76,6 +77,9 @@ def batch_of(checkpoint: Path, size: int, answer: str = "long") -> dict[str, tor
 
 class Side:
     def __init__(self, name: str, mode: str, checkpoint: Path, autocast: bool = False) -> None:
+        # full-in-backward: full fine-tuning with our optimizer stepped in backward (theirs: plain full)
+        self.in_backward = name == "ours" and mode == "full-in-backward"
+        mode = "full" if mode == "full-in-backward" else mode
         self.name, self.mode, self.autocast = name, mode, autocast
         if name == "ours":
             from llama_vision.finetune.lora import apply_lora
@@ -99,7 +103,9 @@ class Side:
                 self.model = peft.get_peft_model(self.model, config)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        if name == "ours":
+        if self.in_backward:  # the trainer's with optimizer_in_backward: true
+            self.optimizer = StepInBackward([{"params": params, "weight_decay": 0.0}], 1e-5, (0.9, 0.999))
+        elif name == "ours":
             self.optimizer = adamw(params, 1e-5)  # the trainer's: PyTorch's fused AdamW
         else:  # transformers' Trainer default (optim="adamw_torch_fused" with torch >= 2.8)
             self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
@@ -112,10 +118,15 @@ class Side:
                 loss = loss_sum / n
             else:
                 loss = self.model(**batch, use_cache=False).loss
-        loss.backward()
-        self.optimizer.step()
+        if self.in_backward:
+            self.optimizer.armed = True
+            loss.backward()
+            self.optimizer.finish()
+        else:
+            loss.backward()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def _modules() -> tuple[str, ...]:
@@ -178,7 +189,7 @@ def main() -> None:
     print(f"bench-small, {precision}, CPU ({torch.get_num_threads()} threads), batch {args.batch} rows of "
           f"{batch['input_ids'].shape[1]} tokens ({tokens} in all, {trained} trained), one 4-tile image per row")  # fmt: skip
     rows = []
-    for mode in ("lora", "full"):
+    for mode in ("lora", "full", "full-in-backward"):
         sides = {name: Side(name, mode, args.checkpoint, args.autocast) for name in ("ours", "transformers")}
         times: dict[str, list[float]] = {name: [] for name in sides}
         losses = {name: side.step(batch) for name, side in sides.items()}  # warm-up

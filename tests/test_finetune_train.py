@@ -258,6 +258,94 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(checkpoint: Path, data: P
     assert not (tmp_path / "checkpoint-3").exists()
 
 
+def test_optimizer_in_backward_equals_stepping_after_backward(
+    checkpoint: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full mode with gradient accumulation over rows with and without images (so some parameters get
+    gradients from an earlier pass only), weight decay: the same losses and weights bit for bit, no
+    gradient left after a step, and resume across the two kinds of checkpoint."""
+    settings = dict(mode="full", max_steps=4, grad_accum=2, batch_size=1, weight_decay=0.1, max_grad_norm=None,
+                    warmup_steps=1, save_every=2)  # fmt: skip
+    plain = T.train(config(checkpoint, data, tmp_path / "plain", **settings), log=quiet)
+    stepped = []
+    original = T.StepInBackward._step
+
+    def step(self: T.StepInBackward, p: torch.Tensor) -> None:
+        stepped.append(self.armed)
+        original(self, p)
+
+    with monkeypatch.context() as m:
+        m.setattr(T.StepInBackward, "_step", step)
+        trainer = T.Trainer(config(checkpoint, data, tmp_path / "hooks", optimizer_in_backward=True, **settings),
+                            log=quiet)  # fmt: skip
+        trainer.prepare()
+        result = trainer.run()
+    assert stepped and all(stepped)
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert result.losses == plain.losses
+    a = load_file(plain.final / "model.safetensors")
+    b = load_file(result.final / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(x) for x in (tmp_path / "hooks" / "log.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] for r in logged] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-5)
+
+    # a plain run's checkpoint resumed with the optimizer in backward, and the other way round
+    for first, then in ((False, True), (True, False)):
+        out = tmp_path / f"resume-{first}"
+        with monkeypatch.context() as m:
+            m.setattr(T.Trainer, "train_step", crash_at(2))
+            with pytest.raises(KeyboardInterrupt):
+                T.train(config(checkpoint, data, out, optimizer_in_backward=first, **settings), log=quiet)
+        resumed = T.train(config(checkpoint, data, out, optimizer_in_backward=then, resume=True, **settings),
+                          log=quiet).losses  # fmt: skip
+        assert resumed == {s: plain.losses[s] for s in (3, 4)}
+
+    with pytest.raises(ValueError, match="max_grad_norm: optimizer_in_backward .* set max_grad_norm: null"):
+        config(checkpoint, data, tmp_path, optimizer_in_backward=True)
+
+
+def test_step_in_backward_steps_what_only_an_earlier_pass_reached() -> None:
+    torch.manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(3)) for _ in range(2))
+    a2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    x = torch.randn(3)
+    plain = T.adamw([{"params": [a2, b2], "weight_decay": 0.1}], 0.1)
+    hooked = T.StepInBackward([{"params": [a, b], "weight_decay": 0.1}], 0.1, (0.9, 0.999))
+    for _ in range(3):
+        (a2 * b2 * x).sum().backward()
+        (a2 * x).sum().backward()
+        expected = float(torch.linalg.vector_norm(torch.cat([a2.grad, b2.grad])))
+        plain.step()
+        plain.zero_grad()
+        (a * b * x).sum().backward()  # not armed: the gradients add up
+        hooked.armed = True
+        (a * x).sum().backward()  # steps a; b's gradient is from the first pass only
+        assert b.grad is not None
+        assert hooked.finish() == pytest.approx(expected, rel=1e-6)
+        assert a.grad is None and b.grad is None
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def test_optimizer_in_backward_stops_on_a_nan_loss_before_updating(
+    checkpoint: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = T.Trainer(config(checkpoint, data, tmp_path, mode="full", optimizer_in_backward=True,
+                               max_grad_norm=None), log=quiet)  # fmt: skip
+    trainer.prepare()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    forward = trainer.runner.forward
+
+    def nan_loss(batch: dict) -> tuple:
+        loss, n, hits = forward(batch)
+        return loss * float("nan"), n, hits
+
+    monkeypatch.setattr(trainer.runner, "forward", nan_loss)
+    with pytest.raises(T.TrainingStopped, match=r"step 1: the loss is nan; stopped without updating"):
+        trainer.train_step(0)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
 RUNNER = textwrap.dedent(
     """
     import json, os, sys
@@ -375,7 +463,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "full-in-backward", "lora"])
 def test_memory_plan_within_15_percent_of_measured_peak(checkpoint: Path, tmp_path: Path, mode: str) -> None:
     """The plan's peak against the measured peak RSS of a fresh process, less its baseline.
 
@@ -393,6 +481,8 @@ def test_memory_plan_within_15_percent_of_measured_peak(checkpoint: Path, tmp_pa
     (tmp_path / "train.jsonl").write_text((json.dumps(record) + "\n") * 4)
     settings = dict(model=str(checkpoint), data=str(tmp_path / "train.jsonl"), output=str(tmp_path / "out"),
                     mode=mode, batch_size=2, max_length=256, max_steps=2)  # fmt: skip
+    if mode == "full-in-backward":
+        settings.update(mode="full", optimizer_in_backward=True, max_grad_norm=None)
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
     out = subprocess.run([sys.executable, str(script), json.dumps(settings)], capture_output=True, text=True,

@@ -55,6 +55,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # the cosine ends at lr x this
     max_grad_norm: float | None = 1.0
+    optimizer_in_backward: bool = False  # step each parameter in backward (train.StepInBackward); no clipping
     seed: int = 0
     # numerics and memory
     device: str = "auto"  # auto: cuda (this process's local rank) when available, else cpu
@@ -132,9 +133,21 @@ class TrainConfig:
             check.choice("report_to", target, REPORT_TO)
         if not isinstance(self.tensorboard, (bool, str)) or self.tensorboard == "":
             check.fail("tensorboard", f"expected true, false or a directory, got {self.tensorboard!r}")
-        for name in ("train_vision", "skip_bad", "activation_checkpointing", "resume"):
+        for name in (
+            "train_vision",
+            "skip_bad",
+            "activation_checkpointing",
+            "resume",
+            "optimizer_in_backward",
+        ):
             if not isinstance(getattr(self, name), bool):
                 check.fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.optimizer_in_backward and self.max_grad_norm is not None:
+            check.fail(
+                "max_grad_norm",
+                "optimizer_in_backward steps each parameter before the global gradient norm is known, "
+                "so it cannot clip; set max_grad_norm: null",
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:

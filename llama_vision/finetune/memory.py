@@ -181,7 +181,10 @@ def plan_memory(
 
     tracker = _LiveBytes({p.untyped_storage()._cdata for p in params})
     fsdp = world > 1 and config.distributed == "fsdp"
-    optimizer = adamw(trainable, 1e-4, fsdp=True) if fsdp else _FusedAdamWMemory(trainable)
+    if fsdp:
+        optimizer: Any = adamw(trainable, 1e-4, fsdp=True)
+    else:
+        optimizer = _FusedAdamWMemory(trainable, in_backward=config.optimizer_in_backward)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32)
     with tracker, mock.patch.object(F, "scaled_dot_product_attention", _fused_sdpa):
         for _ in range(2):
@@ -196,6 +199,8 @@ def plan_memory(
             del loss, inputs
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    if config.optimizer_in_backward:  # one gradient at a time (the largest counts)
+        grad_bytes = max((p.numel() * p.element_size() for p in trainable), default=0)
     shard = world if config.distributed == "fsdp" and world > 1 else 1
     weight_bytes, grad_bytes, optimizer_bytes = (
         weight_bytes // shard,
@@ -238,15 +243,24 @@ def _planned_model(model_config: LlamaVisionConfig, config: TrainConfig, dtype: 
 class _FusedAdamWMemory:
     """What the trainer's fused AdamW (train.adamw) allocates, on the meta device, where PyTorch's
     fused kernel does not run: both moments of every trained parameter at its first step, and no
-    temporaries (the kernel updates each parameter in one pass)."""
+    temporaries (the kernel updates each parameter in one pass). `in_backward`: as train.StepInBackward,
+    each parameter is stepped and its gradient freed as soon as the gradient is complete."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: list[torch.Tensor], in_backward: bool = False) -> None:
         self.params, self.state = params, {}
+        if in_backward:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._step_one)
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        if p not in self.state:
+            self.state[p] = (torch.zeros_like(p), torch.zeros_like(p))
+        p.grad = None
 
     def step(self) -> None:
         for p in self.params:
-            if p.grad is not None and p not in self.state:
-                self.state[p] = (torch.zeros_like(p), torch.zeros_like(p))
+            if p.grad is not None:
+                self._step_one(p)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,6 +282,95 @@ def adamw(params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999), *, 
     if fsdp:
         return torch.optim.AdamW(params, lr=lr, betas=betas, foreach=False)
     return torch.optim.AdamW(params, lr=lr, betas=betas, fused=True)
+
+
+class StepInBackward:
+    """AdamW that updates each trained parameter as soon as its gradient is complete in the backward
+    pass (a post-accumulate-grad hook) and frees that gradient, so the gradients of all the parameters
+    never exist at once: full fine-tuning peaks lower by about the trained weights' size (torchtune's
+    `optimizer_in_bwd`). Each parameter has its own `adamw` with the run's settings, so a step updates
+    every parameter exactly as one AdamW over `groups` would; `state_dict` is the one that AdamW would
+    write, so a run resumes from either kind of checkpoint.
+
+    The trainer arms it for the last pass of a step only (earlier passes of gradient accumulation add up
+    as usual) and calls `finish`, which steps what the hooks did not reach and returns the gradient norm.
+    Not possible with it: clipping by the global norm (known only after the last gradient) and more than
+    one process (DDP and FSDP reduce the gradients after the hooks have run). A parameter whose gradient
+    is not finite is not stepped, nor is any after it."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> None:
+        self.groups = [list(g["params"]) for g in groups]
+        self.optimizers = {
+            p: adamw([{"params": [p], "weight_decay": g["weight_decay"]}], lr, betas)
+            for g in groups
+            for p in g["params"]
+        }
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.optimizers]
+        self.armed = False
+        self._norm_sq, self.bad = 0.0, False
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group per parameter (setting the learning rate on each sets it for the step)."""
+        return [o.param_groups[0] for o in self.optimizers.values()]
+
+    def _hook(self, p: torch.Tensor) -> None:
+        if self.armed:
+            self._step(p)
+
+    def _step(self, p: torch.Tensor) -> None:
+        norm_sq = float(torch.linalg.vector_norm(p.grad).square())
+        self._norm_sq += norm_sq
+        self.bad = self.bad or not math.isfinite(norm_sq)
+        if not self.bad:
+            self.optimizers[p].step()
+        p.grad = None
+
+    def finish(self) -> float:
+        """After the last pass of a step: step the parameters whose gradients came from earlier passes
+        only, disarm, and return the step's gradient norm."""
+        if self.armed:
+            for p in self.optimizers:
+                if p.grad is not None:
+                    self._step(p)
+        self.armed = False
+        norm, self._norm_sq = math.sqrt(self._norm_sq), 0.0
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.optimizers:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups = []
+        index = 0
+        for params in self.groups:
+            settings = {k: v for k, v in self.optimizers[params[0]].param_groups[0].items() if k != "params"}
+            for p in params:
+                entry = self.optimizers[p].state_dict()["state"]
+                if 0 in entry:
+                    state[index] = entry[0]
+                index += 1
+            groups.append({**settings, "params": list(range(index - len(params), index))})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, raw: dict[str, Any]) -> None:
+        params = [p for group in self.groups for p in group]
+        for group in raw["param_groups"]:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for i in group["params"]:
+                entry = {0: raw["state"][i]} if i in raw["state"] else {}
+                self.optimizers[params[i]].load_state_dict(
+                    {"state": entry, "param_groups": [{**settings, "params": [0]}]}
+                )
+
+
+def _param_lists(optimizer: Any) -> list[list[torch.Tensor]]:
+    """The parameters of each group, as the optimizer's state_dict numbers them."""
+    if isinstance(optimizer, StepInBackward):
+        return optimizer.groups
+    return [g["params"] for g in optimizer.param_groups]
 
 
 def _implementation(group: dict[str, Any]) -> dict[str, Any]:
@@ -548,10 +637,7 @@ class Trainer:
                 raise ValueError("mode vision: distributed fsdp is not supported; use ddp (the default)")
             self.tag_labels = tag_vocabulary(self.examples)
             channels = label_channels(config.data, self.examples)
-            if (
-                self.eval_examples
-                and label_channels(config.eval_data, self.eval_examples) != channels
-            ):
+            if self.eval_examples and label_channels(config.eval_data, self.eval_examples) != channels:
                 raise ValueError(
                     f"eval_data {config.eval_data}: its label maps must name the classes of data's"
                 )
@@ -629,7 +715,16 @@ class Trainer:
             {"params": decay, "weight_decay": c.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        self.optimizer = adamw([g for g in groups if g["params"]], c.lr, tuple(c.betas), fsdp=self.fsdp)
+        groups = [g for g in groups if g["params"]]
+        if c.optimizer_in_backward:
+            if self.d.world > 1:
+                raise ValueError(
+                    "optimizer_in_backward: one process only (DDP and FSDP reduce the gradients after "
+                    "the backward pass)"
+                )
+            self.optimizer: Any = StepInBackward(groups, c.lr, tuple(c.betas))
+        else:
+            self.optimizer = adamw(groups, c.lr, tuple(c.betas), fsdp=self.fsdp)
         if self.d.main:
             self.output.mkdir(parents=True, exist_ok=True)
         self.d.barrier()
@@ -773,28 +868,35 @@ class Trainer:
         lr = learning_rate(self.config, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        in_backward = isinstance(self.optimizer, StepInBackward)
         loss_sum, correct = 0.0, 0.0
         for k, batch in enumerate(batches):
             last = k == len(batches) - 1
             with self._sync(last), self.autocast:
                 loss, _, hits = self.runner(batch)
+            if in_backward:  # the update happens in backward: look at the loss before it
+                if not math.isfinite(value := float(loss.detach())):
+                    self._stop(step, value, None, "stopped without updating")
+                self.optimizer.armed = last and total_tokens > 0
             # each pass's share of the global mean; DDP and FSDP average gradients over processes
             (loss * (self.d.world / max(total_tokens, 1))).backward()
             loss_sum, correct = loss_sum + float(loss.detach()), correct + float(hits)
         loss_sum, correct = self.d.sum(loss_sum, correct)
         loss = loss_sum / max(total_tokens, 1)
-        params = [p for _, p in self.named_trainable]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not math.isfinite(loss) or not math.isfinite(norm):
-            latest = ckpt.latest_checkpoint(self.output)
-            raise TrainingStopped(
-                f"step {step + 1}: the loss is {loss} and the gradient norm {norm}; stopped without updating. "
-                f"The last good checkpoint is {latest if latest else 'none (no checkpoint was written yet)'}; "
-                "try a lower lr, warmup_steps, or max_grad_norm"
-            )
-        if total_tokens:
-            self.optimizer.step()
+        if in_backward:
+            norm = self.optimizer.finish()
+            if self.optimizer.bad:
+                self.optimizer.bad = False
+                self._stop(step, loss, norm, "the parameters stepped before the first non-finite gradient "
+                           "were updated in memory")  # fmt: skip
+        else:
+            params = [p for _, p in self.named_trainable]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if not math.isfinite(loss) or not math.isfinite(norm):
+                self._stop(step, loss, norm, "stopped without updating")
+            if total_tokens:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
             "step": step + 1,
@@ -806,6 +908,15 @@ class Trainer:
             "tokens": int(total_tokens),
             "input_tokens": input_tokens * self.d.world,
         }
+
+    def _stop(self, step: int, loss: float, norm: float | None, what: str) -> None:
+        latest = ckpt.latest_checkpoint(self.output)
+        norm_text = "" if norm is None else f" and the gradient norm {norm}"
+        raise TrainingStopped(
+            f"step {step + 1}: the loss is {loss}{norm_text}; {what}. "
+            f"The last good checkpoint is {latest if latest else 'none (no checkpoint was written yet)'}; "
+            "try a lower lr, warmup_steps, or max_grad_norm"
+        )
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are reduced across processes on the last pass of a step only."""
@@ -869,11 +980,12 @@ class Trainer:
             return get_optimizer_state_dict(self.model, self.optimizer, options=options)
         names = {id(p): n for n, p in self.named_trainable}
         raw = self.optimizer.state_dict()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        lists = _param_lists(self.optimizer)
+        params = [p for group in lists for p in group]
         state = {names[id(params[i])]: entry for i, entry in raw["state"].items()}
         groups = []
-        for g, raw_group in zip(self.optimizer.param_groups, raw["param_groups"]):
-            groups.append({**raw_group, "params": [names[id(p)] for p in g["params"]]})
+        for group, raw_group in zip(lists, raw["param_groups"]):
+            groups.append({**raw_group, "params": [names[id(p)] for p in group]})
         return {"state": state, "param_groups": groups}
 
     def save(self, name: str) -> Path:
@@ -967,24 +1079,20 @@ class Trainer:
             options = StateDictOptions(full_state_dict=True)
             set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
             return
-        index = {n: i for i, (n, _) in enumerate(_ordered(self.optimizer, self.named_trainable))}
+        names = {id(p): n for n, p in self.named_trainable}
+        lists = _param_lists(self.optimizer)
+        index = {names[id(p)]: i for i, p in enumerate(p for group in lists for p in group)}
+        implementation = _implementation(self.optimizer.param_groups[0])  # every group's is the same
+        if [len(g["params"]) for g in state["param_groups"]] != [len(group) for group in lists]:
+            raise ValueError("resume: the checkpoint's optimizer groups do not match this run's parameters")
         raw = {
             "state": {index[name]: entry for name, entry in state["state"].items()},
             "param_groups": [
-                {**g, "params": [index[n] for n in g["params"]], **_implementation(current)}
-                for g, current in zip(state["param_groups"], self.optimizer.param_groups)
+                {**g, "params": [index[n] for n in g["params"]], **implementation}
+                for g in state["param_groups"]
             ],
         }
         self.optimizer.load_state_dict(raw)
-
-
-def _ordered(
-    optimizer: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]]
-) -> Iterator[tuple[str, Any]]:
-    names = {id(p): n for n, p in named}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            yield names[id(p)], p
 
 
 def read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
