@@ -61,6 +61,7 @@ class MemoryPlan:
     images: int
     tiles: int
     world: int = 1
+    in_backward: bool = False  # optimizer_in_backward: gradient_bytes is the largest single gradient
 
     @property
     def estimate(self) -> MemoryEstimate:
@@ -83,7 +84,8 @@ class MemoryPlan:
             f"memory plan (per process; batch {self.batch} x {self.seq_len} tokens, {self.images} images x "
             f"{self.tiles} tiles per row):",
             f"  parameters        {self.parameters:>15,}   weights    {gib(self.weight_bytes)}",
-            f"  trainable         {self.trainable:>15,}   gradients  {gib(self.gradient_bytes)}",
+            f"  trainable         {self.trainable:>15,}   gradients  {gib(self.gradient_bytes)}"
+            + ("  (stepped in backward: one at a time, the largest)" if self.in_backward else ""),
             f"  optimizer state (AdamW)              {gib(self.optimizer_bytes)}",
             f"  activations and temporaries (peak)   {gib(self.activation_bytes)}",
             f"  peak                                 {gib(self.peak_bytes)}",
@@ -223,6 +225,7 @@ def plan_memory(
         images=images,
         tiles=tiles,
         world=world,
+        in_backward=config.optimizer_in_backward,
     )
 
 
