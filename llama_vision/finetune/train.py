@@ -295,8 +295,9 @@ class StepInBackward:
     The trainer arms it for the last pass of a step only (earlier passes of gradient accumulation add up
     as usual) and calls `finish`, which steps what the hooks did not reach and returns the gradient norm.
     Not possible with it: clipping by the global norm (known only after the last gradient) and more than
-    one process (DDP and FSDP reduce the gradients after the hooks have run). A parameter whose gradient
-    is not finite is not stepped, nor is any after it."""
+    one process (DDP and FSDP reduce the gradients after the hooks have run). Each parameter's gradient
+    norm is read on the host as it is stepped (one device sync per parameter on a GPU); a parameter whose
+    gradient is not finite is not stepped, nor is any after it."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> None:
         self.groups = [list(g["params"]) for g in groups]
