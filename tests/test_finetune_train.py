@@ -346,6 +346,23 @@ def test_optimizer_in_backward_stops_on_a_nan_loss_before_updating(
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
+def test_lockstep_exact_match_gives_the_engines_answers(checkpoint: Path, data: Path) -> None:
+    """The evaluation under FSDP (greedy answers through full forwards over left-padded batches, no
+    cache) answers as the engine does, on rows with one image, two images and none."""
+    from llama_vision.finetune.data import load_examples
+    from llama_vision.finetune.evaluate import exact_match, lockstep_exact_match
+
+    lv = LlamaVision.from_pretrained(checkpoint)
+    examples = load_examples(str(data))
+    stop = sorted({*lv.config.text.eos_token_id, *lv.tokenizer.stop_ids})
+    lockstep = lockstep_exact_match(lv.model, lv.processor, examples, rank=0, world=1, device=torch.device("cpu"),
+                                    stop_ids=stop, batch_size=3, max_new_tokens=10)  # fmt: skip
+    engine = exact_match(lv, examples, batch_size=3, max_new_tokens=10)
+    assert lockstep.n == engine.n == 8
+    assert lockstep.answers == engine.answers
+    assert len(set(engine.answers)) > 1 and all(engine.answers)
+
+
 RUNNER = textwrap.dedent(
     """
     import json, os, sys
@@ -423,12 +440,30 @@ def test_two_processes_equal_one(
 ) -> None:
     settings = dict(model=str(checkpoint), data=str(data), mode=mode, max_steps=3, lr=1e-3,
                     distributed=distributed, save_every=2)  # fmt: skip
+    if distributed == "fsdp":  # exact match at the end: each process answers its share (lockstep)
+        settings.update(eval_data=str(data), eval_batch_size=3, eval_max_new_tokens=6)
     one = T.train(TrainConfig(output=str(tmp_path / "one"), batch_size=4, **settings), log=quiet).losses
     two = losses_of(run_script(tmp_path, {**settings, "output": str(tmp_path / "two"), "batch_size": 2}, 2))
     assert sorted(two) == [1, 2, 3]
     for step, loss in one.items():
         assert abs(two[step] - loss) < 1e-5 * max(1.0, abs(loss)), (step, two[step], loss)
-    assert (tmp_path / "two" / "final" / "trainer_state.json").is_file()
+    final = tmp_path / "two" / "final"
+    assert (final / "trainer_state.json").is_file()
+    if distributed == "fsdp":
+        # the answers of the sharded model are the engine's on the weights it then saved
+        rows = [json.loads(x) for x in (tmp_path / "two" / "eval" / "step-3.jsonl").read_text().splitlines()]
+        lv = (
+            LlamaVision.from_pretrained(checkpoint, adapter=final)
+            if mode == "lora"
+            else LlamaVision.from_pretrained(final)
+        )
+        from llama_vision.finetune.data import load_examples
+        from llama_vision.finetune.evaluate import exact_match
+
+        engine = exact_match(lv, load_examples(str(data)), batch_size=3, max_new_tokens=6)
+        assert [r["answer"] for r in rows] == engine.answers
+        logged = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
+        assert logged["eval_n"] == 8 and logged["eval_exact_match"] == engine.accuracy
 
 
 MEMORY_SCRIPT = textwrap.dedent(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from llama_vision.api import LlamaVision
 from llama_vision.finetune.data import Example, reply_and_prompt
+from llama_vision.generation import answer_text
+from llama_vision.processor import Processor
 
 
 def normalise(text: str) -> str:
@@ -57,6 +60,86 @@ def exact_match(
         if progress is not None:
             progress(len(answers), len(examples))
     return ExactMatch(correct / len(examples), len(examples), correct, answers)
+
+
+@torch.no_grad()
+def lockstep_exact_match(
+    model: torch.nn.Module,
+    processor: Processor,
+    examples: Sequence[Example],
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+    stop_ids: Sequence[int],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    max_num_tiles: int | None = None,
+) -> ExactMatch:
+    """`exact_match` for a model sharded by FSDP over `world` processes, called on every one of them.
+
+    FSDP gathers a layer's weights from all processes when it runs, so every process must run the same
+    layers as often as the others: each answers its share of the examples (every world-th one) greedily
+    through the model's `hidden_states` (a full forward over the prompt and the tokens so far, no cache;
+    the self-attention layers always run, the rest of the model is one FSDP unit, so batches with and
+    without images make the same calls), and all make the same number of batches and of steps (a
+    process out of examples repeats one; a step runs while any process has a row still answering). The
+    answers are gathered on every process in the examples' order."""
+    share = list(range(rank, len(examples), world))
+    batches = -(-len(range(0, len(examples), world)) // batch_size)  # the largest share's batch count
+    stop = frozenset(stop_ids)
+    answers: dict[int, str] = {}
+    for k in range(batches):
+        chosen = share[k * batch_size : (k + 1) * batch_size]
+        rows = chosen or [0]  # a process without examples left answers one it throws away
+        error = None
+        try:
+            inputs = processor.chat_inputs(
+                [reply_and_prompt(examples[i].messages)[0] for i in rows], max_num_tiles=max_num_tiles
+            )
+        except ValueError as e:
+            error = f"{examples[rows[0]].source} (batch of {len(rows)}): {e}"
+        if _total(float(error is not None), world):  # every process stops, not only the one that failed
+            raise ValueError(error or "another process could not encode its evaluation batch")
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        cross = inputs.pop("cross_attention_mask", None)
+        tokens: list[list[int]] = [[] for _ in rows]
+        running = [True] * len(rows)
+        for _ in range(max_new_tokens):
+            if not _total(float(any(running)), world):
+                break
+            h = model.hidden_states(ids, mask, cross_attention_mask=cross, **inputs)[:, -1]
+            chosen_ids = model.language_model.logits(h).argmax(-1)
+            for b, token in enumerate(chosen_ids.tolist()):
+                if running[b]:
+                    running[b] = token not in stop
+                    if running[b]:
+                        tokens[b].append(token)
+            ids = torch.cat([ids, chosen_ids[:, None]], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            if cross is not None:  # new tokens see the images the prompt's last token sees
+                cross = torch.cat([cross, cross[:, -1:]], 1)
+        for i, row in zip(chosen, tokens):
+            answers[i] = answer_text(processor.tokenizer, row, ())
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, answers)
+        answers = {i: text for part in gathered for i, text in part.items()}
+    ordered = [answers[i] for i in range(len(examples))]
+    correct = sum(
+        normalise(a) == normalise(reply_and_prompt(e.messages)[1]) for a, e in zip(ordered, examples)
+    )
+    return ExactMatch(correct / max(len(examples), 1), len(examples), correct, ordered)
+
+
+def _total(value: float, world: int) -> float:
+    """`value` summed over the processes."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t)
 
 
 @torch.no_grad()

@@ -53,8 +53,8 @@ from llama_vision.encoders.vision import VisionLayer
 from llama_vision.finetune import checkpoint as ckpt
 from llama_vision.finetune.collate import IGNORE, Collator
 from llama_vision.finetune.config import TrainConfig
-from llama_vision.finetune.data import load_examples, text_length
-from llama_vision.finetune.evaluate import exact_match, held_out_loss
+from llama_vision.finetune.data import load_examples, reply_and_prompt, text_length
+from llama_vision.finetune.evaluate import exact_match, held_out_loss, lockstep_exact_match, normalise
 from llama_vision.finetune.lora import apply_lora, has_lora, read_adapter, save_adapter
 from llama_vision.finetune.report import TensorBoard, summary_writer_class
 from llama_vision.finetune.tags import (
@@ -591,7 +591,11 @@ def init_distributed() -> Dist:
     if world == 1:
         return Dist()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # CUDA tensors (DDP, FSDP) through NCCL; the host-side sums, barriers and gathered objects of
+        # the loop (Dist.sum, the RNG states) are CPU tensors, which NCCL does not take: gloo
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -945,13 +949,25 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step}
         accuracy = "eval_tags_exact" if self.tagging else "eval_token_accuracy"
         record["eval_loss"], record[accuracy] = held_out_loss(loss_fn, batches)
-        # generation calls the model's parts, which FSDP does not gather; a tagging run has nothing to generate
-        if self.d.main and not self.fsdp and not self.tagging:
-            lv = LlamaVision(model=self.model, processor=Processor(self.tokenizer, self.model_config))
+        # a tagging run has nothing to generate. The engine calls the model's parts, which FSDP does not
+        # gather: under FSDP every process answers its share through the model's forward instead
+        processor = Processor(self.tokenizer, self.model_config)
+        options = dict(
+            batch_size=c.eval_batch_size, max_new_tokens=c.eval_max_new_tokens, max_num_tiles=c.max_tiles
+        )
+        em = None
+        if self.fsdp and not self.tagging:
+            stop_ids = sorted({*self.model_config.text.eos_token_id, *self.tokenizer.stop_ids})
             with self.autocast:
-                em = exact_match(lv, self.eval_examples, batch_size=c.eval_batch_size,
-                                 max_new_tokens=c.eval_max_new_tokens, max_num_tiles=c.max_tiles)  # fmt: skip
+                em = lockstep_exact_match(self.model, processor, self.eval_examples, rank=self.d.rank,
+                                          world=self.d.world, device=self.device, stop_ids=stop_ids, **options)  # fmt: skip
+        elif self.d.main and not self.tagging:
+            lv = LlamaVision(model=self.model, processor=processor)
+            with self.autocast:
+                em = exact_match(lv, self.eval_examples, **options)
+        if em is not None and self.d.main:
             record.update(eval_exact_match=em.accuracy, eval_n=em.n)
+            self.write_answers(em.answers)
         self.d.barrier()
         self.runner.train()
         if self.d.main:
@@ -959,6 +975,18 @@ class Trainer:
             self.say("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in record.items()))  # fmt: skip
         return record
+
+    def write_answers(self, answers: list[str]) -> None:
+        """`output/eval/step-N.jsonl`: each evaluation example's source, greedy answer, reference and
+        whether they match (after normalising whitespace and case)."""
+        folder = self.output / "eval"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"step-{self.step}.jsonl", "w", encoding="utf-8") as f:
+            for example, answer in zip(self.eval_examples, answers):
+                reference = reply_and_prompt(example.messages)[1]
+                match = normalise(answer) == normalise(reference)
+                f.write(json.dumps({"source": example.source, "answer": answer, "reference": reference,
+                                    "match": match}) + "\n")  # fmt: skip
 
     # -- checkpoints
 
