@@ -29,6 +29,16 @@ class ExactMatch:
     n: int
     correct: int
     answers: list[str]
+    references: list[str]
+    matches: list[bool]
+
+
+def scored(answers: list[str], examples: Sequence[Example]) -> ExactMatch:
+    """`answers` (one per example) against each example's last assistant reply."""
+    references = [reply_and_prompt(e.messages)[1] for e in examples]
+    matches = [normalise(a) == normalise(r) for a, r in zip(answers, references)]
+    correct = sum(matches)
+    return ExactMatch(correct / max(len(examples), 1), len(examples), correct, answers, references, matches)
 
 
 def exact_match(
@@ -41,25 +51,22 @@ def exact_match(
     progress: Callable[[int, int], None] | None = None,
 ) -> ExactMatch:
     """Greedy answers to every example's prompt, scored against its last assistant reply."""
-    answers, correct = [], 0
+    answers: list[str] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        pairs = [reply_and_prompt(e.messages) for e in chunk]
         try:
             outputs = lv.generate(
-                [prompt for prompt, _ in pairs],
+                [reply_and_prompt(e.messages)[0] for e in chunk],
                 temperature=0.0,
                 max_new_tokens=max_new_tokens,
                 max_num_tiles=max_num_tiles,
             )
         except ValueError as e:
             raise ValueError(f"{chunk[0].source} (batch of {len(chunk)}): {e}") from None
-        for output, (_, reference) in zip(outputs, pairs):
-            correct += normalise(output) == normalise(reference)
         answers.extend(outputs)
         if progress is not None:
             progress(len(answers), len(examples))
-    return ExactMatch(correct / len(examples), len(examples), correct, answers)
+    return scored(answers, examples)
 
 
 @torch.no_grad()
@@ -126,11 +133,7 @@ def lockstep_exact_match(
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, answers)
         answers = {i: text for part in gathered for i, text in part.items()}
-    ordered = [answers[i] for i in range(len(examples))]
-    correct = sum(
-        normalise(a) == normalise(reply_and_prompt(e.messages)[1]) for a, e in zip(ordered, examples)
-    )
-    return ExactMatch(correct / max(len(examples), 1), len(examples), correct, ordered)
+    return scored([answers[i] for i in range(len(examples))], examples)
 
 
 def _total(value: float, world: int) -> float:

@@ -53,8 +53,8 @@ from llama_vision.encoders.vision import VisionLayer
 from llama_vision.finetune import checkpoint as ckpt
 from llama_vision.finetune.collate import IGNORE, Collator
 from llama_vision.finetune.config import TrainConfig
-from llama_vision.finetune.data import load_examples, reply_and_prompt, text_length
-from llama_vision.finetune.evaluate import exact_match, held_out_loss, lockstep_exact_match, normalise
+from llama_vision.finetune.data import load_examples, text_length
+from llama_vision.finetune.evaluate import ExactMatch, exact_match, held_out_loss, lockstep_exact_match
 from llama_vision.finetune.lora import apply_lora, has_lora, read_adapter, save_adapter
 from llama_vision.finetune.report import TensorBoard, summary_writer_class
 from llama_vision.finetune.tags import (
@@ -967,7 +967,7 @@ class Trainer:
                 em = exact_match(lv, self.eval_examples, **options)
         if em is not None and self.d.main:
             record.update(eval_exact_match=em.accuracy, eval_n=em.n)
-            self.write_answers(em.answers)
+            self.write_answers(em)
         self.d.barrier()
         self.runner.train()
         if self.d.main:
@@ -976,15 +976,15 @@ class Trainer:
                                           for k, v in record.items()))  # fmt: skip
         return record
 
-    def write_answers(self, answers: list[str]) -> None:
+    def write_answers(self, em: ExactMatch) -> None:
         """`output/eval/step-N.jsonl`: each evaluation example's source, greedy answer, reference and
         whether they match (after normalising whitespace and case)."""
         folder = self.output / "eval"
         folder.mkdir(exist_ok=True)
         with open(folder / f"step-{self.step}.jsonl", "w", encoding="utf-8") as f:
-            for example, answer in zip(self.eval_examples, answers):
-                reference = reply_and_prompt(example.messages)[1]
-                match = normalise(answer) == normalise(reference)
+            for example, answer, reference, match in zip(
+                self.eval_examples, em.answers, em.references, em.matches
+            ):
                 f.write(json.dumps({"source": example.source, "answer": answer, "reference": reference,
                                     "match": match}) + "\n")  # fmt: skip
 
